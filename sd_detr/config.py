@@ -1,0 +1,247 @@
+"""Typed configuration of the detector: one pydantic tree, defaults in the fields, validated on load.
+
+The root :class:`DetectorConfig` holds the model (backbone, transformer, decoder variant with the SD-DETR
+switches), the matcher costs, the loss weights and the optimizer recipe. Defaults follow the paper's
+recipe (DESIGN.md 1.1 and 1.3). Configs load from YAML or JSON files and take ``key.path=value``
+overrides whose values are parsed as YAML scalars (``model.transformer.d_model=128``,
+``optimizer.lr_drop_epochs=[40]``). Unknown keys are errors, so a typo never silently keeps a default.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are rejected, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class BackboneConfig(StrictModel):
+    """ResNet backbone with frozen BatchNorm (torchvision)."""
+
+    name: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = Field(
+        "resnet50", description="torchvision ResNet depth."
+    )
+    trainable_layers: int = Field(
+        3, ge=0, le=5, description="How many of [layer4, layer3, layer2, layer1, stem] train (3 = layer2..4)."
+    )
+    dilation: bool = Field(False, description="DC5: dilate layer4 (stride 16 instead of 32).")
+    weights_path: Path | None = Field(
+        None, description="Optional local state_dict file of the torchvision ResNet (never downloaded)."
+    )
+
+    @model_validator(mode="after")
+    def _dilation_needs_bottleneck(self) -> BackboneConfig:
+        if self.dilation and self.name in ("resnet18", "resnet34"):
+            raise ValueError(f"backbone.dilation (DC5) needs resnet50/101; {self.name} has basic blocks")
+        return self
+
+
+class TransformerConfig(StrictModel):
+    """Encoder/decoder sizes shared by both variants."""
+
+    d_model: int = Field(256, gt=0, description="Width of the transformer (channels of the projected features).")
+    num_heads: int = Field(8, gt=0, description="Attention heads; must divide d_model (and 2*d_model).")
+    num_encoder_layers: int = Field(6, ge=0, description="Post-norm encoder layers.")
+    num_decoder_layers: int = Field(6, ge=1, description="Decoder layers (each gives an auxiliary output).")
+    ffn_dim: int = Field(2048, gt=0, description="Hidden width of the feed-forward blocks.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout in attention outputs and FFNs.")
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> TransformerConfig:
+        if self.d_model % self.num_heads != 0:
+            raise ValueError(
+                f"transformer.d_model ({self.d_model}) must be divisible by transformer.num_heads ({self.num_heads})"
+            )
+        if self.d_model % 2 != 0:
+            raise ValueError(f"transformer.d_model ({self.d_model}) must be even (sine embedding halves)")
+        return self
+
+
+class ModelConfig(StrictModel):
+    """The detector: backbone, transformer, decoder variant and the SD-DETR switches (DESIGN.md 1.3)."""
+
+    variant: Literal["conditional_detr", "sd_detr"] = Field(
+        "sd_detr", description="Decoder: Conditional DETR baseline or SD-DETR's divided decoder."
+    )
+    num_classes: int = Field(80, gt=0, description="Object classes (contiguous labels 0..C-1, no background).")
+    num_queries: int = Field(300, gt=0, description="Object slots N.")
+    backbone: BackboneConfig = Field(default_factory=BackboneConfig)
+    transformer: TransformerConfig = Field(default_factory=TransformerConfig)
+    query_split: int = Field(
+        0,
+        ge=0,
+        description="SD-DETR: first decoder layer whose cross-attention and FFN are divided by task; "
+        "0 = divided in every layer (the paper), num_decoder_layers = never divided.",
+    )
+    taq: bool = Field(True, description="SD-DETR: task-aware query generation (False = learned query pairs).")
+    taq_num_points: int = Field(4, gt=0, description="SD-DETR TAQ: sampling points M per anchor box and task.")
+    class_prior_prob: float = Field(
+        0.01, gt=0.0, lt=1.0, description="Initial sigmoid probability of every class (focal-loss bias init)."
+    )
+
+    @model_validator(mode="after")
+    def _query_split_in_range(self) -> ModelConfig:
+        layers = self.transformer.num_decoder_layers
+        if not 0 <= self.query_split <= layers:
+            raise ValueError(
+                f"model.query_split ({self.query_split}) must lie in [0, model.transformer.num_decoder_layers={layers}]"
+            )
+        return self
+
+
+class MatcherConfig(StrictModel):
+    """Hungarian matching cost weights (DESIGN.md 1.1)."""
+
+    class_cost: float = Field(2.0, ge=0.0, description="Weight of the focal classification cost.")
+    bbox_cost: float = Field(5.0, ge=0.0, description="Weight of the L1 cost on normalized cxcywh boxes.")
+    giou_cost: float = Field(2.0, ge=0.0, description="Weight of the negative-GIoU cost.")
+    focal_alpha: float = Field(0.25, ge=0.0, le=1.0, description="Focal alpha of the class cost.")
+    focal_gamma: float = Field(2.0, ge=0.0, description="Focal gamma of the class cost.")
+
+    @model_validator(mode="after")
+    def _some_cost(self) -> MatcherConfig:
+        if self.class_cost == 0 and self.bbox_cost == 0 and self.giou_cost == 0:
+            raise ValueError("matcher: class_cost, bbox_cost and giou_cost cannot all be 0")
+        return self
+
+
+class LossConfig(StrictModel):
+    """Loss weights; the total is summed over the final and every auxiliary decoder output."""
+
+    class_weight: float = Field(2.0, ge=0.0, description="Weight of the sigmoid focal loss.")
+    bbox_weight: float = Field(5.0, ge=0.0, description="Weight of the L1 box loss.")
+    giou_weight: float = Field(2.0, ge=0.0, description="Weight of the GIoU loss.")
+    focal_alpha: float = Field(0.25, ge=0.0, le=1.0, description="Focal loss alpha.")
+    focal_gamma: float = Field(2.0, ge=0.0, description="Focal loss gamma.")
+    aux_loss: bool = Field(True, description="Apply the losses to every decoder layer's output.")
+    align_loss_weight: float = Field(
+        1.0, ge=0.0, description="SD-DETR: weight of the alignment loss (0 removes the term exactly)."
+    )
+    align_alpha: float = Field(0.25, ge=0.0, description="Alignment target t = s^alpha * u^beta: alpha.")
+    align_beta: float = Field(0.75, ge=0.0, description="Alignment target t = s^alpha * u^beta: beta.")
+    align_gamma: float = Field(2.0, ge=0.0, description="Alignment loss: negatives weighted by s^gamma.")
+
+
+class OptimizerConfig(StrictModel):
+    """AdamW recipe with a step learning-rate drop (DESIGN.md 1.1)."""
+
+    lr: float = Field(1e-4, gt=0.0, description="Learning rate of the transformer and heads.")
+    backbone_lr: float = Field(1e-5, ge=0.0, description="Learning rate of the backbone.")
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay.")
+    grad_clip_norm: float = Field(0.1, ge=0.0, description="Max gradient L2 norm (0 = no clipping).")
+    epochs: int = Field(50, gt=0, description="Training epochs.")
+    lr_drop_epochs: list[int] = Field(default_factory=lambda: [40], description="Epochs where lr drops.")
+    lr_drop_factor: float = Field(0.1, gt=0.0, le=1.0, description="Multiplier applied at each drop.")
+
+    @model_validator(mode="after")
+    def _drops_sorted(self) -> OptimizerConfig:
+        if any(e < 0 for e in self.lr_drop_epochs):
+            raise ValueError("optimizer.lr_drop_epochs must be non-negative")
+        if list(self.lr_drop_epochs) != sorted(self.lr_drop_epochs):
+            raise ValueError("optimizer.lr_drop_epochs must be sorted ascending")
+        return self
+
+
+class DetectorConfig(StrictModel):
+    """Everything that defines the detector and how it learns (no data, cluster or tracking settings)."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    matcher: MatcherConfig = Field(default_factory=MatcherConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``"a.b.c=value"`` into ``(["a", "b", "c"], parsed value)``; the value is a YAML scalar/list."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override {text!r} is not of the form key.path=value")
+    path = [part for part in key.strip().split(".") if part]
+    return path, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a deep copy of ``data`` with each ``key.path=value`` override set (missing dicts are created)."""
+    result: dict[str, Any] = json.loads(json.dumps(dict(data), default=str))
+    for text in overrides:
+        path, value = parse_override(text)
+        node = result
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"override {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return result
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or JSON config file into a dict; an empty file gives ``{}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` laid over it: nested sections merge key by key, other values replace."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    cls: type[ConfigT],
+    paths: str | Path | Sequence[str | Path] | None = None,
+    overrides: Iterable[str] = (),
+) -> ConfigT:
+    """Build and validate ``cls`` from config files (later files override earlier ones, section by section)
+    plus ``key.path=value`` overrides.
+
+    Raises ``pydantic.ValidationError`` naming the offending field for invalid values.
+    """
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
+    data: dict[str, Any] = {}
+    for path in paths:
+        data = deep_merge(data, read_config_file(path))
+    return cls.model_validate(apply_overrides(data, overrides))
+
+
+def flatten_config(config: BaseModel) -> dict[str, str]:
+    """Flatten a config to ``{"model.transformer.d_model": "256", ...}`` (for tracking params)."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), child)
+        else:
+            flat[prefix] = json.dumps(value) if isinstance(value, list) else str(value)
+
+    walk("", config.model_dump(mode="json"))
+    return flat

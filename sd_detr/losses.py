@@ -1,0 +1,182 @@
+"""Set-prediction losses: sigmoid focal, L1, GIoU, SD-DETR's alignment loss, and the criterion that
+applies them to every decoder layer (and the TAQ mini-detector). All computed in fp32, autocast off."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import box_iou, generalized_box_iou, sigmoid_focal_loss
+
+from sd_detr.box_ops import cxcywh_to_xyxy
+from sd_detr.config import LossConfig
+from sd_detr.heads import Predictions
+from sd_detr.matcher import Assignment, HungarianMatcher
+
+
+@dataclass
+class LossOutput:
+    """``total``: scalar to backpropagate (weighted sum over outputs and terms); ``per_output``: the
+    unweighted, detached terms of each output (``layer_0`` .. ``layer_{L-1}``, ``encoder``)."""
+
+    total: Tensor
+    per_output: dict[str, dict[str, Tensor]]
+
+    def final_terms(self) -> dict[str, Tensor]:
+        """Unweighted terms of the last decoder layer."""
+        layers = [name for name in self.per_output if name.startswith("layer_")]
+        return self.per_output[max(layers, key=lambda name: int(name.removeprefix("layer_")))]
+
+
+def _matched(assignments: list[Assignment]) -> tuple[Tensor, Tensor]:
+    """Batch and prediction indices of every matched prediction, concatenated over images."""
+    batch = torch.cat([torch.full_like(pred, index) for index, (pred, _) in enumerate(assignments)])
+    return batch, torch.cat([pred for pred, _ in assignments])
+
+
+def one_hot_targets(logits: Tensor, targets: list[dict[str, Tensor]], assignments: list[Assignment]) -> Tensor:
+    """[B, N, C] float: 1 at (image, matched prediction, its target's label), else 0."""
+    onehot = torch.zeros_like(logits)
+    batch, pred = _matched(assignments)
+    labels = torch.cat([t["labels"][tgt] for t, (_, tgt) in zip(targets, assignments, strict=True)])
+    onehot[batch.to(logits.device), pred.to(logits.device), labels.to(logits.device)] = 1.0
+    return onehot
+
+
+def focal_loss(logits: Tensor, onehot: Tensor, num_boxes: float, alpha: float, gamma: float) -> Tensor:
+    """Sigmoid focal loss summed over all (slot, class) pairs and divided by ``num_boxes``."""
+    return sigmoid_focal_loss(logits, onehot, alpha=alpha, gamma=gamma, reduction="sum") / num_boxes
+
+
+def box_losses(predicted: Tensor, target: Tensor, num_boxes: float) -> tuple[Tensor, Tensor]:
+    """L1 and (1 - GIoU) of matched pairs: predicted, target [K, 4] normalized cxcywh -> two scalars."""
+    l1 = F.l1_loss(predicted, target, reduction="sum") / num_boxes
+    giou = torch.diag(generalized_box_iou(cxcywh_to_xyxy(predicted), cxcywh_to_xyxy(target)))
+    return l1, (1 - giou).sum() / num_boxes
+
+
+def alignment_loss(
+    logits: Tensor,
+    onehot: Tensor,
+    matched_iou: Tensor,
+    num_boxes: float,
+    alpha: float,
+    beta: float,
+    gamma: float,
+) -> Tensor:
+    """SD-DETR task-alignment loss (IoU-aware BCE), DESIGN.md 1.4.4.
+
+    For each matched (slot, ground-truth class) pair with score s = sigmoid(logit) and IoU u of its box
+    with the ground truth, the target is t = s^alpha * u^beta (s, u detached), weight 1. Every other
+    (slot, class) pair has target 0 and weight s^gamma (detached). Sum / ``num_boxes``.
+
+    logits, onehot [B, N, C]; matched_iou [B, N] (IoU of matched slots, anything elsewhere).
+    """
+    scores = logits.sigmoid().detach()
+    positive = onehot > 0
+    soft = scores.pow(alpha) * matched_iou.detach().clamp(min=0.0)[..., None].pow(beta)
+    target = torch.where(positive, soft, torch.zeros_like(scores))
+    weight = torch.where(positive, torch.ones_like(scores), scores.pow(gamma))
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return (bce * weight).sum() / num_boxes
+
+
+def mean_over_workers_identity(count: Tensor) -> Tensor:
+    """Single-process number-of-boxes normalizer: returns ``count`` unchanged."""
+    return count
+
+
+class SetCriterion(nn.Module):
+    """DETR set loss on every output: Hungarian matching, then weighted focal + L1 + GIoU (+ alignment).
+
+    ``average_across_workers`` maps the local number of target boxes (a 1-element float tensor) to its
+    mean over all data-parallel workers (e.g. an all-reduce); it is injected so this library stays free of
+    any cluster framework.
+    """
+
+    def __init__(
+        self,
+        matcher: HungarianMatcher,
+        config: LossConfig,
+        average_across_workers: Callable[[Tensor], Tensor] = mean_over_workers_identity,
+    ) -> None:
+        super().__init__()
+        self.matcher = matcher
+        self.config = config
+        self.average_across_workers = average_across_workers
+
+    def num_boxes(self, targets: list[dict[str, Tensor]], device: torch.device) -> float:
+        """Mean number of target boxes per worker, at least 1."""
+        count = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        return max(float(self.average_across_workers(count).item()), 1.0)
+
+    def output_terms(
+        self,
+        prediction: Predictions,
+        targets: list[dict[str, Tensor]],
+        num_boxes: float,
+        with_alignment: bool,
+    ) -> dict[str, Tensor]:
+        """Unweighted loss terms (``class``, ``bbox``, ``giou`` and optionally ``align``) of one output."""
+        cfg = self.config
+        logits, boxes = prediction.logits.float(), prediction.boxes.float()
+        assignments = self.matcher(logits, boxes, targets)
+        onehot = one_hot_targets(logits, targets, assignments)
+        batch, pred = _matched(assignments)
+        batch, pred = batch.to(boxes.device), pred.to(boxes.device)
+        matched_boxes = boxes[batch, pred]
+        target_boxes = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, assignments, strict=True)]).to(boxes)
+        l1, giou = box_losses(matched_boxes, target_boxes, num_boxes)
+        terms = {
+            "class": focal_loss(logits, onehot, num_boxes, cfg.focal_alpha, cfg.focal_gamma),
+            "bbox": l1,
+            "giou": giou,
+        }
+        if with_alignment:
+            matched_iou = torch.zeros(boxes.shape[:2], device=boxes.device)
+            if len(pred):
+                iou = box_iou(cxcywh_to_xyxy(matched_boxes), cxcywh_to_xyxy(target_boxes)).diagonal()
+                matched_iou[batch, pred] = iou.detach()
+            terms["align"] = alignment_loss(
+                logits, onehot, matched_iou, num_boxes, cfg.align_alpha, cfg.align_beta, cfg.align_gamma
+            )
+        return terms
+
+    def weighted_sum(self, terms: dict[str, Tensor]) -> Tensor:
+        """Combine one output's terms with the configured weights."""
+        cfg = self.config
+        weights = {
+            "class": cfg.class_weight,
+            "bbox": cfg.bbox_weight,
+            "giou": cfg.giou_weight,
+            "align": cfg.align_loss_weight,
+        }
+        return sum(weights[name] * value for name, value in terms.items())
+
+    def forward(
+        self,
+        decoder_layers: list[Predictions],
+        targets: list[dict[str, Tensor]],
+        encoder: Predictions | None = None,
+    ) -> LossOutput:
+        """decoder_layers: predictions of each decoder layer, first to last; targets per image ``labels``
+        [T] int64 and ``boxes`` [T, 4] normalized cxcywh; encoder: TAQ mini-detector output or None."""
+        device = decoder_layers[-1].logits.device
+        with torch.autocast(device_type=device.type, enabled=False):
+            num_boxes = self.num_boxes(targets, device)
+            with_alignment = self.config.align_loss_weight > 0
+            count = len(decoder_layers)
+            used = range(count) if self.config.aux_loss else [count - 1]
+            outputs = {f"layer_{i}": (decoder_layers[i], with_alignment) for i in used}
+            if encoder is not None:
+                outputs["encoder"] = (encoder, False)
+            total = torch.zeros((), device=device)
+            per_output: dict[str, dict[str, Tensor]] = {}
+            for name, (prediction, alignment) in outputs.items():
+                terms = self.output_terms(prediction, targets, num_boxes, alignment)
+                total = total + self.weighted_sum(terms)
+                per_output[name] = {k: v.detach() for k, v in terms.items()}
+        return LossOutput(total=total, per_output=per_output)

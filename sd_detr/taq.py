@@ -1,0 +1,153 @@
+"""SD-DETR task-aware query generation (TAQ, DESIGN.md 1.4.3).
+
+A light mini-detector scores every encoder memory cell and regresses a box from the cell's proposal
+(two-stage DETR form). The top-N cells give N anchor boxes (detached) that become the slots' reference
+boxes. Each anchor box is sampled at M points per task by bilinear interpolation of the memory, and the
+samples are averaged into the slot's initial query content: learned interior points for classification,
+evenly spaced perimeter points for localization. Padded memory cells never contribute.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sd_detr.box_ops import inverse_sigmoid
+from sd_detr.heads import Predictions
+from sd_detr.layers import MLP
+
+PROPOSAL_SIZE = 0.05
+"""Side of every cell proposal (normalized), as in two-stage Deformable DETR's single-level proposals."""
+
+
+@dataclass
+class TaskAwareQueries:
+    """Initial slot queries: ``cls_content``, ``loc_content`` [B, N, d]; ``anchors`` [B, N, 4] normalized
+    cxcywh (detached); ``encoder`` the mini-detector's predictions at the selected cells (for its loss);
+    ``cls_points``, ``loc_points`` [B, N, M, 2] the normalized (x, y) sampling points."""
+
+    cls_content: Tensor
+    loc_content: Tensor
+    anchors: Tensor
+    encoder: Predictions
+    cls_points: Tensor
+    loc_points: Tensor
+
+
+def valid_extent(padding_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Valid (unpadded) height and width in cells of each image: padding_mask [B, h, w] -> ([B], [B])."""
+    valid = ~padding_mask
+    return valid[:, :, 0].sum(1), valid[:, 0, :].sum(1)
+
+
+def cell_proposals(padding_mask: Tensor) -> Tensor:
+    """Normalized cxcywh proposal of every cell: centers relative to each image's valid extent,
+    side :data:`PROPOSAL_SIZE`. padding_mask [B, h, w] -> [B, h*w, 4]."""
+    batch, height, width = padding_mask.shape
+    valid_h, valid_w = valid_extent(padding_mask)
+    ys = (torch.arange(height, device=padding_mask.device, dtype=torch.float32) + 0.5)[None, :, None]
+    xs = (torch.arange(width, device=padding_mask.device, dtype=torch.float32) + 0.5)[None, None, :]
+    cy = (ys / valid_h.clamp(min=1)[:, None, None].float()).expand(batch, height, width)
+    cx = (xs / valid_w.clamp(min=1)[:, None, None].float()).expand(batch, height, width)
+    size = torch.full_like(cx, PROPOSAL_SIZE)
+    return torch.stack([cx, cy, size, size], dim=-1).flatten(1, 2).clamp(0.0, 1.0)
+
+
+def perimeter_points(boxes: Tensor, num_points: int) -> Tensor:
+    """M points evenly spaced on each box's perimeter: boxes [B, N, 4] cxcywh -> [B, N, M, 2] (x, y).
+
+    Position along the perimeter t_k = 4 (k + 0.5) / M counts sides (top, right, bottom, left, each of
+    length 1 in box units); M = 4 gives the four side midpoints.
+    """
+    t = 4.0 * (torch.arange(num_points, device=boxes.device, dtype=boxes.dtype) + 0.5) / num_points
+    side = torch.floor(t)
+    frac = t - side
+    # unit-box coordinates in [-1, 1] for each side, walking clockwise from the top-left corner
+    u = torch.where(side == 0, 2 * frac - 1, torch.where(side == 1, 1.0, torch.where(side == 2, 1 - 2 * frac, -1.0)))
+    v = torch.where(side == 0, -1.0, torch.where(side == 1, 2 * frac - 1, torch.where(side == 2, 1.0, 1 - 2 * frac)))
+    unit = torch.stack([u, v], dim=-1)  # [M, 2]
+    return boxes[..., None, :2] + unit * boxes[..., None, 2:] / 2
+
+
+def sample_memory(memory_map: Tensor, padding_mask: Tensor, points: Tensor) -> Tensor:
+    """Bilinear samples of the memory at normalized points, ignoring padded cells.
+
+    memory_map [B, d, h, w]; padding_mask [B, h, w] (True = padded); points [B, N, M, 2] (x, y) relative
+    to each image's valid extent -> [B, N, M, d]. Samples are renormalized by the bilinear weight that
+    falls on valid cells, so a padded cell's value has no influence.
+    """
+    _, _, height, width = memory_map.shape
+    valid_h, valid_w = valid_extent(padding_mask)
+    scale = torch.stack([valid_w / width, valid_h / height], dim=-1).to(points.dtype)[:, None, None, :]
+    grid = points * scale * 2 - 1
+    valid = (~padding_mask)[:, None].to(memory_map.dtype)
+    stacked = torch.cat([memory_map * valid, valid], dim=1)
+    sampled = F.grid_sample(stacked, grid.to(stacked.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+    values, weight = sampled[:, :-1], sampled[:, -1:]
+    return (values / weight.clamp(min=1e-6)).permute(0, 2, 3, 1)
+
+
+class TaskAwareQueryGenerator(nn.Module):
+    """Mini-detector on the encoder memory + per-task point sampling (DESIGN.md 1.4.3)."""
+
+    def __init__(self, d_model: int, num_classes: int, num_queries: int, num_points: int, class_prior_prob: float):
+        super().__init__()
+        self.num_queries, self.num_points = num_queries, num_points
+        self.memory_proj = nn.Linear(d_model, d_model)
+        self.memory_norm = nn.LayerNorm(d_model)
+        self.class_head = nn.Linear(d_model, num_classes)
+        self.box_head = MLP(d_model, d_model, 4, 3)
+        self.cls_point_offsets = nn.Linear(d_model, 2 * num_points)
+        nn.init.constant_(self.class_head.bias, -math.log((1 - class_prior_prob) / class_prior_prob))
+        nn.init.zeros_(self.box_head.layers[-1].weight)
+        nn.init.zeros_(self.box_head.layers[-1].bias)
+        nn.init.zeros_(self.cls_point_offsets.weight)
+        with torch.no_grad():  # start with points spread over the box interior
+            angles = 2 * math.pi * torch.arange(num_points) / num_points
+            spread = 0.5 * torch.stack([angles.cos(), angles.sin()], dim=-1).flatten()
+            self.cls_point_offsets.bias.copy_(torch.atanh(spread))
+
+    def forward(self, memory: Tensor, memory_padding_mask: Tensor, spatial_shape: tuple[int, int]) -> TaskAwareQueries:
+        """memory [B, S, d]; memory_padding_mask [B, S]; spatial_shape (h, w), h*w = S."""
+        batch, cells, d_model = memory.shape
+        height, width = spatial_shape
+        padding_mask = memory_padding_mask.view(batch, height, width)
+        valid_cells = (~memory_padding_mask).sum(1)
+        if int(valid_cells.min()) < self.num_queries:
+            raise ValueError(
+                f"TAQ selects num_queries={self.num_queries} anchors but an image has only "
+                f"{int(valid_cells.min())} valid memory cells ({height}x{width} map): use larger images, "
+                f"fewer model.num_queries, or model.taq=false"
+            )
+        features = self.memory_norm(self.memory_proj(memory))
+        logits = self.class_head(features)
+        proposals = cell_proposals(padding_mask)
+        boxes = (self.box_head(features) + inverse_sigmoid(proposals)).sigmoid()
+        scores = logits.max(-1).values.masked_fill(memory_padding_mask, float("-inf"))
+        top = scores.topk(self.num_queries, dim=1).indices  # [B, N]
+        selected_logits = logits.gather(1, top[..., None].expand(-1, -1, logits.shape[-1]))
+        selected_boxes = boxes.gather(1, top[..., None].expand(-1, -1, 4))
+        anchors = selected_boxes.detach()
+        selected_features = features.gather(1, top[..., None].expand(-1, -1, d_model))
+
+        offsets = torch.tanh(self.cls_point_offsets(selected_features)).view(
+            batch, self.num_queries, self.num_points, 2
+        )
+        cls_points = anchors[..., None, :2] + offsets * anchors[..., None, 2:] / 2
+        loc_points = perimeter_points(anchors, self.num_points)
+        memory_map = memory.transpose(1, 2).reshape(batch, d_model, height, width)
+        both = sample_memory(memory_map, padding_mask, torch.cat([cls_points, loc_points], dim=2))
+        cls_content = both[:, :, : self.num_points].mean(2)
+        loc_content = both[:, :, self.num_points :].mean(2)
+        return TaskAwareQueries(
+            cls_content=cls_content,
+            loc_content=loc_content,
+            anchors=anchors,
+            encoder=Predictions(selected_logits, selected_boxes),
+            cls_points=cls_points,
+            loc_points=loc_points,
+        )

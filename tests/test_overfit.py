@@ -1,0 +1,43 @@
+"""Both variants memorise a handful of generated images on CPU (loss -80%, COCO AP >= 0.9)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sd_detr.config import DetectorConfig
+from sd_detr.engine import build_criterion, build_optimizer, predict, train_step
+from sd_detr.evaluation import CocoEvaluator, coco_from_dict, targets_to_coco
+from sd_detr.model import build_detector
+from tests.toy_data import toy_batch
+
+STEPS = 220
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["conditional_detr", "sd_detr"])
+def test_overfits_generated_images(variant: str) -> None:
+    torch.manual_seed(0)
+    config = DetectorConfig.model_validate({
+        "model": {
+            "variant": variant, "num_classes": 3, "num_queries": 8,
+            "backbone": {"name": "resnet18", "trainable_layers": 5},
+            "transformer": {"d_model": 64, "num_heads": 4, "num_encoder_layers": 1, "num_decoder_layers": 2,
+                            "ffn_dim": 128, "dropout": 0.0},
+        },
+        "optimizer": {"lr": 1e-3, "backbone_lr": 1e-3, "grad_clip_norm": 1.0},
+    })  # fmt: skip
+    model = build_detector(config.model, seed=0)
+    criterion = build_criterion(config)
+    optimizer = build_optimizer(model, config.optimizer)
+    images, padding_mask, targets = toy_batch()
+    losses = [
+        float(train_step(model, criterion, optimizer, images, padding_mask, targets, 1.0).total) for _ in range(STEPS)
+    ]
+    assert min(losses[-10:]) <= 0.2 * losses[0], f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+    category_ids = torch.tensor([1, 2, 3])
+    detections = predict(model, images, padding_mask, torch.stack([t["orig_size"] for t in targets]), category_ids)
+    evaluator = CocoEvaluator(coco_from_dict(targets_to_coco(targets, category_ids)))
+    evaluator.update([int(t["image_id"]) for t in targets], detections)
+    assert evaluator.summarize()["AP"] >= 0.9
