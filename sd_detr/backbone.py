@@ -24,7 +24,7 @@ class FeatureMap:
 
 
 class ResNetBackbone(nn.Module):
-    """torchvision ResNet (18/34/50/101) with FrozenBatchNorm2d, stride 32 (or 16 with DC5).
+    """torchvision ResNet (18/34/50/101) with FrozenBatchNorm2d, stride 32 (or 16 with DC5 or C4 output).
 
     Stages beyond ``trainable_layers`` (counted from layer4 down to the stem) are frozen. Weights come only
     from ``weights_path`` (a local torchvision state_dict); nothing is downloaded.
@@ -50,13 +50,15 @@ class ResNetBackbone(nn.Module):
                     f"missing {missing[:5]}, unexpected {unexpected[:5]}"
                 )
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
+        use_c4 = config.feature_level == "c4"
+        self.layer4 = nn.Identity() if use_c4 else net.layer4
         trainable = set(_STAGES[: config.trainable_layers])
         for name in _STAGES:
             for parameter in getattr(self, name).parameters():
                 parameter.requires_grad_(name in trainable)
-        self.num_channels: int = net.fc.in_features
-        self.stride: int = 16 if config.dilation else 32
+        self.num_channels: int = net.fc.in_features // 2 if use_c4 else net.fc.in_features
+        self.stride: int = 16 if (config.dilation or use_c4) else 32
 
     def forward(self, images: Tensor, padding_mask: Tensor) -> FeatureMap:
         """images [B, 3, H, W] normalized, padding_mask [B, H, W] bool -> :class:`FeatureMap`."""

@@ -34,6 +34,9 @@ class BackboneConfig(StrictModel):
         3, ge=0, le=5, description="How many of [layer4, layer3, layer2, layer1, stem] train (3 = layer2..4)."
     )
     dilation: bool = Field(False, description="DC5: dilate layer4 (stride 16 instead of 32).")
+    feature_level: Literal["c5", "c4"] = Field(
+        "c5", description="Output of layer4 (C5, stride 32) or layer3 (C4, stride 16; layer4 dropped)."
+    )
     weights_path: Path | None = Field(
         None, description="Optional local state_dict file of the torchvision ResNet (never downloaded)."
     )
@@ -42,6 +45,8 @@ class BackboneConfig(StrictModel):
     def _dilation_needs_bottleneck(self) -> BackboneConfig:
         if self.dilation and self.name in ("resnet18", "resnet34"):
             raise ValueError(f"backbone.dilation (DC5) needs resnet50/101; {self.name} has basic blocks")
+        if self.dilation and self.feature_level == "c4":
+            raise ValueError("backbone.dilation dilates layer4, which backbone.feature_level=c4 drops")
         return self
 
 

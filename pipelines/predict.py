@@ -1,0 +1,154 @@
+"""Detect objects in image files with a registered (or checkpointed) SD-DETR model.
+
+    python pipelines/predict.py --model models:/sd-detr-synthetic@champion --images photos/ --out detections.json
+    python pipelines/predict.py --model models:/sd-detr-synthetic/3 --images a.jpg b.png --out d.json --draw drawn/
+
+Writes COCO-results JSON (``image_id`` = position in the sorted input list, ``file_name`` added) and,
+with ``--draw``, PNGs with the boxes drawn. Many images (``--ray-min-images``) run as Ray Data batch
+inference with the model loaded once per actor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torchvision.io import ImageReadMode, write_png
+from torchvision.io import decode_image as decode_file
+from torchvision.utils import draw_bounding_boxes
+
+from pipelines.cli import fail, format_validation_error
+from pipelines.inference import LoadedModel, Predictor, list_images, load_model
+from sd_detr.box_ops import xyxy_to_xywh
+
+
+class PredictConfig(BaseModel):
+    """Options of `pipelines/predict.py`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="models:/<name>@<alias>, models:/<name>/<version> or a checkpoint directory.")
+    images: list[Path] = Field(min_length=1, description="Image files and/or folders.")
+    out: Path = Field(description="COCO-results JSON to write.")
+    draw: Path | None = Field(None, description="Folder for images with drawn detections.")
+    score_threshold: float = Field(0.0, ge=0.0, le=1.0, description="Keep detections at or above this score.")
+    batch_size: int = Field(8, gt=0, description="Images per forward pass.")
+    ray_min_images: int = Field(256, gt=0, description="From this many images on, use Ray Data batch inference.")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI).")
+
+
+def detections_to_results(file_name: str, image_id: int, detection: dict, threshold: float) -> list[dict]:
+    """COCO results entries (xywh pixels) of one image's detections above ``threshold``."""
+    keep = detection["scores"] >= threshold
+    boxes = xyxy_to_xywh(detection["boxes"][keep]).tolist()
+    return [
+        {"image_id": image_id, "file_name": file_name, "category_id": int(c), "bbox": b, "score": float(s)}
+        for c, b, s in zip(detection["labels"][keep].tolist(), boxes, detection["scores"][keep].tolist(), strict=True)
+    ]
+
+
+def predict_local(predictor: Predictor, files: list[Path], batch_size: int) -> list[dict | None]:
+    """Detections per file, in order, in this process."""
+    detections: list[dict | None] = []
+    for start in range(0, len(files), batch_size):
+        detections.extend(predictor([path.read_bytes() for path in files[start : start + batch_size]]))
+    return detections
+
+
+class _RayPredictor:
+    """Ray Data actor UDF: the model is loaded once per actor."""
+
+    def __init__(self, source: str, tracking_uri: str | None) -> None:
+        self.predictor = Predictor(load_model(source, tracking_uri))
+
+    def __call__(self, batch: dict) -> dict:
+        detections = self.predictor([Path(p).read_bytes() for p in batch["path"]])
+        encoded = [json.dumps(None if d is None else {k: v.tolist() for k, v in d.items()}) for d in detections]
+        return {"path": batch["path"], "detections": encoded}
+
+
+def predict_with_ray(cfg: PredictConfig, files: list[Path]) -> list[dict | None]:
+    """Detections per file via Ray Data ``map_batches`` over an actor pool (order kept)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    dataset = ray.data.from_items([{"path": str(p.resolve())} for p in files])
+    output = dataset.map_batches(
+        _RayPredictor, fn_constructor_args=(cfg.model, cfg.tracking_uri), batch_size=cfg.batch_size,
+        concurrency=1, batch_format="numpy",
+    ).take_all()  # fmt: skip
+    by_path = {row["path"]: json.loads(row["detections"]) for row in output}
+    decoded = [by_path[str(p.resolve())] for p in files]
+    return [None if d is None else {k: torch.tensor(v) for k, v in d.items()} for d in decoded]
+
+
+def draw(path: Path, detection: dict, loaded: LoadedModel, threshold: float, folder: Path) -> None:
+    """Save ``folder/<stem>.png`` with the detections above ``threshold`` drawn."""
+    image = decode_file(str(path), mode=ImageReadMode.RGB)
+    keep = detection["scores"] >= max(threshold, 1e-9)
+    names = dict(zip(loaded.category_ids, loaded.category_names, strict=True))
+    labels = [
+        f"{names.get(int(c), c)} {s:.2f}"
+        for c, s in zip(detection["labels"][keep], detection["scores"][keep], strict=True)
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    write_png(
+        draw_bounding_boxes(image, detection["boxes"][keep], labels=labels, colors="red"),
+        str(folder / f"{path.stem}.png"),
+    )
+
+
+def run(cfg: PredictConfig) -> list[dict]:
+    """Predict, write the JSON (and drawings); returns the results entries."""
+    files = list_images(cfg.images)
+    if not files:
+        raise FileNotFoundError(f"no images found in {[str(p) for p in cfg.images]}")
+    loaded = load_model(cfg.model, cfg.tracking_uri)
+    if len(files) >= cfg.ray_min_images:
+        detections = predict_with_ray(cfg, files)
+    else:
+        detections = predict_local(Predictor(loaded), files, cfg.batch_size)
+    results, unreadable = [], []
+    for image_id, (path, detection) in enumerate(zip(files, detections, strict=True)):
+        if detection is None:
+            unreadable.append(str(path))
+            continue
+        results.extend(detections_to_results(path.name, image_id, detection, cfg.score_threshold))
+        if cfg.draw is not None:
+            draw(path, detection, loaded, cfg.score_threshold, cfg.draw)
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    cfg.out.write_text(json.dumps(results))
+    print(f"{len(files) - len(unreadable)} images, {len(results)} detections -> {cfg.out}")
+    if unreadable:
+        print(f"skipped {len(unreadable)} unreadable images: {unreadable[:10]}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--images", nargs="+", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--draw")
+    parser.add_argument("--score-threshold", type=float, default=0.0)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--ray-min-images", type=int, default=256)
+    parser.add_argument("--tracking-uri")
+    args = parser.parse_args(argv)
+    try:
+        cfg = PredictConfig.model_validate({k: v for k, v in vars(args).items() if v is not None})
+    except ValidationError as error:
+        fail(format_validation_error(error))
+    try:
+        run(cfg)
+    except (FileNotFoundError, ValueError) as error:
+        fail(str(error))
+
+
+if __name__ == "__main__":
+    main()

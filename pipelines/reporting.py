@@ -1,0 +1,81 @@
+"""Artifacts of an evaluation: a precision-recall plot and val images drawn with their predictions."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from mlflow.tracking import MlflowClient
+from torchvision.io import write_png
+from torchvision.utils import draw_bounding_boxes
+
+from sd_detr.evaluation import CocoEvaluator
+
+if TYPE_CHECKING:
+    from pipelines.config import TrainJobConfig
+
+SCORE_THRESHOLD = 0.3
+
+
+def precision_recall_figure(evaluator: CocoEvaluator) -> plt.Figure:
+    """Precision-recall curves (area all, 100 detections) at IoU 0.5, 0.75 and averaged over 0.5:0.95."""
+    precision = evaluator.last_eval.eval["precision"]  # [T IoU, R recall, K classes, A areas, M max dets]
+    recall = evaluator.last_eval.params.recThrs
+    figure, axis = plt.subplots(figsize=(5, 4), dpi=100)
+    for label, values in (
+        ("IoU 0.50", precision[0, :, :, 0, -1]),
+        ("IoU 0.75", precision[5, :, :, 0, -1]),
+        ("IoU 0.50:0.95", precision[:, :, :, 0, -1].mean(0)),
+    ):
+        masked = np.where(values > -1, values, np.nan)
+        axis.plot(
+            recall, np.nanmean(masked, axis=1) if np.isfinite(masked).any() else np.zeros_like(recall), label=label
+        )
+    axis.set(xlabel="recall", ylabel="precision (mean over classes)", xlim=(0, 1), ylim=(0, 1.02))
+    axis.legend(loc="lower left")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def draw_predictions(image: torch.Tensor, target: dict, detection: dict, mean, std) -> torch.Tensor:
+    """uint8 [3, h, w] of the (transformed, unpadded) image with ground truth (green) and predictions
+    above :data:`SCORE_THRESHOLD` (red, with score)."""
+    height, width = (int(v) for v in target["size"].tolist())
+    pixels = image[:, :height, :width] * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    pixels = (pixels.clamp(0, 1) * 255).to(torch.uint8)
+    orig_h, orig_w = (float(v) for v in target["orig_size"].tolist())
+    scale = torch.tensor([width / orig_w, height / orig_h, width / orig_w, height / orig_h])
+    cx, cy, w, h = (target["boxes"] * torch.tensor([width, height, width, height])).unbind(-1)
+    truth = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+    keep = detection["scores"] > SCORE_THRESHOLD
+    predicted = detection["boxes"][keep] * scale
+    labels = [f"{int(c)}:{s:.2f}" for c, s in zip(detection["labels"][keep], detection["scores"][keep], strict=True)]
+    pixels = draw_bounding_boxes(pixels, truth, colors="lime", width=1)
+    return draw_bounding_boxes(pixels, predicted, labels=labels, colors="red", width=1)
+
+
+def log_evaluation_artifacts(
+    client: MlflowClient, run_id: str, epoch: int, evaluator: CocoEvaluator, kept: list, cfg: TrainJobConfig
+) -> None:
+    """Log ``plots/pr_curve_epoch<N>.png`` and ``predictions/epoch<N>/<image_id>.png`` to the run."""
+    with tempfile.TemporaryDirectory() as directory:
+        folder = Path(directory)
+        if getattr(evaluator, "last_eval", None) is not None:
+            figure = precision_recall_figure(evaluator)
+            path = folder / f"pr_curve_epoch{epoch:03d}.png"
+            figure.savefig(path)
+            plt.close(figure)
+            client.log_artifact(run_id, str(path), artifact_path="plots")
+        aug = cfg.data.augmentation
+        for image, target, detection in kept:
+            path = folder / f"{int(target['image_id'])}.png"
+            write_png(draw_predictions(image, target, detection, aug.mean, aug.std), str(path))
+            client.log_artifact(run_id, str(path), artifact_path=f"predictions/epoch{epoch:03d}")

@@ -1,0 +1,213 @@
+"""Driver side of a training run, shared by `pipelines/train.py` and the Tune sweep: prepare data and
+tracking, build and fit the TorchTrainer, register the best model."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import ray
+import ray.train
+import yaml
+from ray.train.torch import TorchTrainer
+
+from pipelines.config import TrainJobConfig
+from pipelines.ray_data import build_data_config, build_datasets
+from pipelines.tracking import (
+    check_reachable,
+    client_for,
+    get_or_create_experiment,
+    log_text_artifact,
+    register_model,
+    run_url,
+    start_or_resume_run,
+)
+from pipelines.worker import load_checkpoint_state, train_loop_per_worker
+from sd_detr.config import flatten_config
+from sd_detr.data.builtin import ensure_synthetic_dataset
+from sd_detr.data.meta import load_meta
+from sd_detr.model import build_detector
+
+
+class ClusterTooSmallError(RuntimeError):
+    """The cluster cannot host the requested workers (Ray would wait forever)."""
+
+
+@dataclass
+class PreparedRun:
+    """A validated config with absolute paths and its MLflow run."""
+
+    config: TrainJobConfig
+    tracking_uri: str
+    experiment_id: str
+    run_id: str
+    resumed: bool
+
+
+@dataclass
+class TrainingOutcome:
+    """What a finished run left behind."""
+
+    run_id: str
+    best_val_ap: float
+    best_epoch: int
+    checkpoint_path: str | None
+    registered_version: str | None
+    aliased: bool
+    metrics: dict
+
+
+def resolve_data(cfg: TrainJobConfig) -> TrainJobConfig:
+    """Generate the synthetic dataset when no shards are configured; set ``model.num_classes`` from the
+    dataset (an explicit, different value is an error)."""
+    if cfg.data.train_dir is None:
+        root = ensure_synthetic_dataset(cfg.data.synthetic_root, cfg.data.synthetic, progress=True)
+        cfg = cfg.model_copy(
+            update={"data": cfg.data.model_copy(update={"train_dir": root / "train", "val_dir": root / "val"})}
+        )
+    train_meta, val_meta = load_meta(cfg.data.train_dir), load_meta(cfg.data.val_dir)
+    if train_meta.category_ids.tolist() != val_meta.category_ids.tolist():
+        raise ValueError(f"train and val shards have different categories: {cfg.data.train_dir}, {cfg.data.val_dir}")
+    if "num_classes" in cfg.model.model_fields_set and cfg.model.num_classes != train_meta.num_classes:
+        raise ValueError(
+            f"model.num_classes={cfg.model.num_classes} but the dataset has {train_meta.num_classes} categories"
+        )
+    model = cfg.model.model_copy(update={"num_classes": train_meta.num_classes})
+    return cfg.model_copy(update={"model": model})
+
+
+def prepare_run(cfg: TrainJobConfig, run_name: str | None = None, parent_run_id: str | None = None) -> PreparedRun:
+    """Absolute paths, data on disk, reachable tracking store, experiment and (new or resumed) run."""
+    cfg = cfg.with_absolute_paths()
+    if run_name is not None:
+        cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"run_name": run_name})})
+    uri = cfg.tracking.tracking_uri
+    check_reachable(uri)
+    cfg = resolve_data(cfg)
+    client = client_for(uri)
+    experiment_id = get_or_create_experiment(client, cfg.tracking.experiment, cfg.tracking.artifact_root, uri)
+    run_id, resumed = start_or_resume_run(
+        client, experiment_id, cfg.training.run_name, flatten_config(cfg), parent_run_id
+    )
+    if not resumed:
+        log_text_artifact(client, run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+    return PreparedRun(cfg, uri, experiment_id, run_id, resumed)
+
+
+def ensure_ray() -> None:
+    """Connect to ``$RAY_ADDRESS`` when set, else start a local Ray (once per process)."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+
+
+def check_cluster_fits(cfg: TrainJobConfig) -> None:
+    """Fail fast instead of hanging when workers (plus a CPU for Ray Data) do not fit the cluster."""
+    resources = ray.cluster_resources()
+    cpus_needed = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + cfg.data.loader.decode_num_cpus
+    if resources.get("CPU", 0.0) < cpus_needed:
+        raise ClusterTooSmallError(
+            f"the Ray cluster has {resources.get('CPU', 0.0):g} CPUs, the job needs {cpus_needed:g} "
+            f"({cfg.scaling.num_workers} workers x {cfg.scaling.cpus_per_worker:g} + "
+            f"{cfg.data.loader.decode_num_cpus:g} for data loading)"
+        )
+    if cfg.scaling.use_gpu and resources.get("GPU", 0.0) < cfg.scaling.num_workers:
+        raise ClusterTooSmallError(
+            f"scaling.use_gpu with {cfg.scaling.num_workers} workers needs that many GPUs; "
+            f"the cluster has {resources.get('GPU', 0.0):g}"
+        )
+
+
+def build_trainer(prepared: PreparedRun, callbacks: list | None = None) -> TorchTrainer:
+    """The TorchTrainer of a prepared run (same code for train.py and each Tune trial)."""
+    cfg = prepared.config
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    data_context = ray.data.DataContext.get_current()
+    data_context.enable_progress_bars = False
+    data_context.print_on_execution_start = False
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": cfg.model_dump(mode="json"),
+            "tracking_uri": prepared.tracking_uri,
+            "mlflow_run_id": prepared.run_id,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.training.run_name,
+            storage_path=str(cfg.training.storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.training.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=cfg.training.checkpoints_to_keep,
+                checkpoint_score_attribute="val_AP",
+                checkpoint_score_order="max",
+            ),
+            callbacks=callbacks or [],
+            worker_runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": prepared.tracking_uri}},
+        ),
+        datasets=build_datasets(cfg.data.train_dir, cfg.data.val_dir, cfg.data.augmentation, cfg.data.loader),
+        dataset_config=build_data_config(cfg.data.loader),
+    )
+
+
+def finish_run(prepared: PreparedRun, result: ray.train.Result) -> TrainingOutcome:
+    """Close the MLflow run of a fitted trainer: register the best checkpoint's model and move the alias."""
+    cfg, client = prepared.config, client_for(prepared.tracking_uri)
+    if result.error is not None:
+        client.set_terminated(prepared.run_id, status="FAILED")
+        raise RuntimeError(f"training run {cfg.training.run_name!r} failed: {result.error}") from result.error
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if m and "val_AP" in m]
+    best_checkpoint, best_metrics = max(scored, key=lambda item: item[1]["val_AP"]) if scored else (None, {})
+    version, aliased = None, False
+    if best_checkpoint is not None and cfg.tracking.register_model:
+        with best_checkpoint.as_directory() as directory:
+            state = load_checkpoint_state(directory)
+        model = build_detector(cfg.model)
+        model.load_state_dict(state["model"])
+        val_meta = load_meta(cfg.data.val_dir)
+        metadata = {
+            "categories": [c.model_dump() for c in val_meta.categories],
+            "eval_size": cfg.data.augmentation.eval_size,
+            "eval_max_size": cfg.data.augmentation.eval_max_size,
+            "mean": list(cfg.data.augmentation.mean),
+            "std": list(cfg.data.augmentation.std),
+            "epoch": int(state["epoch"]),
+        }
+        version, aliased = register_model(
+            prepared.tracking_uri, prepared.run_id, model, cfg.tracking.model_name, cfg.tracking.alias,
+            float(best_metrics["val_AP"]), metadata,
+        )  # fmt: skip
+    client.set_terminated(prepared.run_id, status="FINISHED")
+    returned = result.return_value or {}
+    return TrainingOutcome(
+        run_id=prepared.run_id,
+        best_val_ap=float(best_metrics.get("val_AP", returned.get("best_val_AP", float("nan")))),
+        best_epoch=int(best_metrics.get("epoch", returned.get("best_epoch", -1))),
+        checkpoint_path=best_checkpoint.path if best_checkpoint is not None else None,
+        registered_version=version,
+        aliased=aliased,
+        metrics=dict(result.metrics or {}),
+    )
+
+
+def run_training(cfg: TrainJobConfig, callbacks: list | None = None) -> TrainingOutcome:
+    """Validate, prepare, fit and register: the whole `pipelines/train.py` job."""
+    prepared = prepare_run(cfg)
+    print(f"MLflow run {prepared.run_id}{' (resumed)' if prepared.resumed else ''}: "
+          f"{run_url(prepared.tracking_uri, prepared.experiment_id, prepared.run_id)}", flush=True)  # fmt: skip
+    ensure_ray()
+    check_cluster_fits(prepared.config)
+    result = build_trainer(prepared, callbacks).fit()
+    return finish_run(prepared, result)
+
+
+def print_summary(outcome: TrainingOutcome, cfg: TrainJobConfig) -> None:
+    """The end-of-job summary: best AP, checkpoint, registered version."""
+    print("== sd-detr training finished")
+    print(f"   best val AP   : {outcome.best_val_ap:.4f} (epoch {outcome.best_epoch})")
+    print(f"   checkpoint    : {outcome.checkpoint_path}")
+    if outcome.registered_version is not None:
+        alias = f", alias @{cfg.tracking.alias} moved" if outcome.aliased else f", @{cfg.tracking.alias} kept"
+        print(f"   registered    : models:/{cfg.tracking.model_name}/{outcome.registered_version}{alias}")
+    print(f"   MLflow run id : {outcome.run_id}", flush=True)

@@ -1,0 +1,113 @@
+"""pipelines/train.py end to end on a local Ray: tracking, registry, prediction, fault tolerance, resume."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipelines.inference import Predictor, list_images, load_checkpoint_model, load_registered_model
+from pipelines.training import run_training
+from tests.pipeline_helpers import REPO, tiny_job_config, tiny_job_overrides
+
+pytestmark = pytest.mark.ray
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def _artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= _artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def test_train_logs_registers_and_predicts_like_the_in_memory_model(ray_local, synthetic_root, tmp_path) -> None:
+    cfg = tiny_job_config(tmp_path, synthetic_root, "e2e", epochs=2)
+    outcome = run_training(cfg)
+    uri = cfg.tracking.tracking_uri
+    client = MlflowClient(uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.variant"] == "sd_detr" and run.data.params["optimizer.epochs"] == "2"
+    assert [step for step, _ in _history(client, outcome.run_id, "val_AP")] == [0, 1]
+    assert len(_history(client, outcome.run_id, "train_loss")) == 2
+    for key in ("val_AP50", "val_ARl", "lr", "train_images_per_s", "train_loss_align"):
+        assert key in run.data.metrics
+    artifacts = _artifact_paths(client, outcome.run_id)
+    assert "config.yaml" in artifacts
+    assert {"plots/pr_curve_epoch000.png", "plots/pr_curve_epoch001.png"} <= artifacts
+    assert any(p.startswith("predictions/epoch001/") and p.endswith(".png") for p in artifacts)
+    assert outcome.registered_version == "1" and outcome.aliased
+    version = client.get_model_version_by_alias(cfg.tracking.model_name, "champion")
+    assert str(version.version) == "1" and version.run_id == outcome.run_id
+
+    registered = load_registered_model(f"models:/{cfg.tracking.model_name}@champion", uri)
+    in_memory = load_checkpoint_model(outcome.checkpoint_path)
+    images = [p.read_bytes() for p in list_images([synthetic_root / "images" / "val"])[:3]]
+    for ours, theirs in zip(Predictor(registered)(images), Predictor(in_memory)(images), strict=True):
+        assert torch.equal(ours["labels"], theirs["labels"])
+        assert torch.allclose(ours["scores"], theirs["scores"], atol=1e-6)
+        assert torch.allclose(ours["boxes"], theirs["boxes"], atol=1e-4)
+
+
+def test_killed_worker_resumes_from_checkpoint(ray_local, synthetic_root, tmp_path) -> None:
+    cfg = tiny_job_config(
+        tmp_path, synthetic_root, "fault", epochs=2,
+        extra=["training.fault_injection.kill_after_epoch=1", "training.fault_injection.rank=1",
+               "training.max_failures=1", "tracking.register_model=false"],
+    )  # fmt: skip
+    outcome = run_training(cfg)
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    assert client.get_run(outcome.run_id).info.status == "FINISHED"
+    assert (tmp_path / "ray_results" / "fault" / "fault_injected_after_epoch_1").exists()
+    assert _history(client, outcome.run_id, "resumed_from_epoch") == [(1, 0.0)]
+    assert [step for step, _ in _history(client, outcome.run_id, "val_AP")][-1] == 1
+
+
+def test_rerunning_a_run_name_resumes_at_the_next_epoch(ray_local, synthetic_root, tmp_path) -> None:
+    first = run_training(tiny_job_config(tmp_path, synthetic_root, "resume", epochs=1))
+    cfg = tiny_job_config(tmp_path, synthetic_root, "resume", epochs=2)
+    second = run_training(cfg)
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    assert second.run_id == first.run_id
+    assert _history(client, second.run_id, "resumed_from_epoch") == [(1, 0.0)]
+    assert [step for step, _ in _history(client, second.run_id, "val_AP")] == [0, 1]
+    assert second.registered_version == "2"
+
+
+def _run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "pipelines" / "train.py"), *args],
+        capture_output=True, text=True, env={**os.environ, **env}, cwd=cwd, timeout=120,
+    )  # fmt: skip
+
+
+def test_invalid_config_exits_before_ray_starts(tmp_path) -> None:
+    result = _run_cli(["--set", "model.transformer.num_heads=7", "--set", "loss.bbox_weight=-1"], {}, tmp_path)
+    assert result.returncode == 2
+    assert "num_heads" in result.stderr and "bbox_weight" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "Ray" not in result.stdout + result.stderr and not (tmp_path / "ray_results").exists()
+
+
+def test_unreachable_tracking_server_fails_fast(tmp_path, synthetic_root) -> None:
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    overrides = [
+        o for o in tiny_job_overrides(tmp_path, synthetic_root, "offline") if not o.startswith("tracking.tracking_uri")
+    ]
+    args = [arg for override in overrides for arg in ("--set", override)]
+    result = _run_cli(args, {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}, tmp_path)
+    assert result.returncode == 2
+    assert "not reachable" in result.stderr and f"127.0.0.1:{port}" in result.stderr
+    assert "Started a local Ray instance" not in result.stdout + result.stderr
