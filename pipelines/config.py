@@ -60,7 +60,9 @@ class TrainingSection(StrictModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
         description="Ray run name and MLflow run name; rerunning the same name resumes it.",
     )
-    storage_path: Path = Field(Path("ray_results"), description="Ray Train storage (shared storage on clusters).")
+    storage_path: str = Field(
+        "ray_results", description="Ray Train storage: a local/NFS path or a URI such as s3://bucket/ray_results."
+    )
     seed: int = Field(0, description="Seed of model init and training.")
     max_failures: int = Field(2, ge=0, description="Worker-group restarts from the last checkpoint.")
     checkpoints_to_keep: int = Field(2, ge=1, description="Best checkpoints kept (by val AP; the latest is kept too).")
@@ -116,7 +118,10 @@ class TrainJobConfig(DetectorConfig):
                 "synthetic_root": self.data.synthetic_root.resolve(),
             }
         )
-        training = self.training.model_copy(update={"storage_path": self.training.storage_path.resolve()})
+        storage = self.training.storage_path
+        if "://" not in storage:
+            storage = str(Path(storage).resolve())
+        training = self.training.model_copy(update={"storage_path": storage})
         tracking = self.tracking.model_copy(
             update={
                 "tracking_uri": self.tracking.resolved_tracking_uri(),

@@ -97,7 +97,8 @@ def prepare_run(cfg: TrainJobConfig, run_name: str | None = None, parent_run_id:
 def ensure_ray() -> None:
     """Connect to ``$RAY_ADDRESS`` when set, else start a local Ray (once per process)."""
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+        # "local" never attaches to a stale cluster that a previous `ray start` left registered on this host
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
 
 
 def check_cluster_fits(cfg: TrainJobConfig) -> None:
@@ -144,10 +145,41 @@ def build_trainer(prepared: PreparedRun, callbacks: list | None = None) -> Torch
                 checkpoint_score_order="max",
             ),
             callbacks=callbacks or [],
-            worker_runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": prepared.tracking_uri}},
+            worker_runtime_env={
+                # workers print progress once (Train's print patch would log every line a second time)
+                "env_vars": {"MLFLOW_TRACKING_URI": prepared.tracking_uri, "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+            },
         ),
         datasets=build_datasets(cfg.data.train_dir, cfg.data.val_dir, cfg.data.augmentation, cfg.data.loader),
         dataset_config=build_data_config(cfg.data.loader),
+    )
+
+
+def select_best_checkpoint(result: ray.train.Result) -> tuple[ray.train.Checkpoint | None, dict]:
+    """The kept checkpoint with the highest val AP and its metrics, or ``(None, {})`` when none has one."""
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if m and "val_AP" in m]
+    return max(scored, key=lambda item: item[1]["val_AP"]) if scored else (None, {})
+
+
+def register_checkpoint(prepared: PreparedRun, checkpoint: ray.train.Checkpoint, val_ap: float) -> tuple[str, bool]:
+    """Log the model of ``checkpoint`` to the prepared run, register it under ``tracking.model_name`` and move
+    ``tracking.alias`` when ``val_ap`` beats the aliased version's. Returns (version, aliased)."""
+    cfg = prepared.config
+    with checkpoint.as_directory() as directory:
+        state = load_checkpoint_state(directory)
+    model = build_detector(cfg.model)
+    model.load_state_dict(state["model"])
+    val_meta = load_meta(cfg.data.val_dir)
+    metadata = {
+        "categories": [c.model_dump() for c in val_meta.categories],
+        "eval_size": cfg.data.augmentation.eval_size,
+        "eval_max_size": cfg.data.augmentation.eval_max_size,
+        "mean": list(cfg.data.augmentation.mean),
+        "std": list(cfg.data.augmentation.std),
+        "epoch": int(state["epoch"]),
+    }
+    return register_model(
+        prepared.tracking_uri, prepared.run_id, model, cfg.tracking.model_name, cfg.tracking.alias, val_ap, metadata
     )
 
 
@@ -157,27 +189,10 @@ def finish_run(prepared: PreparedRun, result: ray.train.Result) -> TrainingOutco
     if result.error is not None:
         client.set_terminated(prepared.run_id, status="FAILED")
         raise RuntimeError(f"training run {cfg.training.run_name!r} failed: {result.error}") from result.error
-    scored = [(c, m) for c, m in (result.best_checkpoints or []) if m and "val_AP" in m]
-    best_checkpoint, best_metrics = max(scored, key=lambda item: item[1]["val_AP"]) if scored else (None, {})
+    best_checkpoint, best_metrics = select_best_checkpoint(result)
     version, aliased = None, False
     if best_checkpoint is not None and cfg.tracking.register_model:
-        with best_checkpoint.as_directory() as directory:
-            state = load_checkpoint_state(directory)
-        model = build_detector(cfg.model)
-        model.load_state_dict(state["model"])
-        val_meta = load_meta(cfg.data.val_dir)
-        metadata = {
-            "categories": [c.model_dump() for c in val_meta.categories],
-            "eval_size": cfg.data.augmentation.eval_size,
-            "eval_max_size": cfg.data.augmentation.eval_max_size,
-            "mean": list(cfg.data.augmentation.mean),
-            "std": list(cfg.data.augmentation.std),
-            "epoch": int(state["epoch"]),
-        }
-        version, aliased = register_model(
-            prepared.tracking_uri, prepared.run_id, model, cfg.tracking.model_name, cfg.tracking.alias,
-            float(best_metrics["val_AP"]), metadata,
-        )  # fmt: skip
+        version, aliased = register_checkpoint(prepared, best_checkpoint, float(best_metrics["val_AP"]))
     client.set_terminated(prepared.run_id, status="FINISHED")
     returned = result.return_value or {}
     return TrainingOutcome(

@@ -170,7 +170,7 @@ def _maybe_inject_fault(cfg: TrainJobConfig, epoch: int, rank: int) -> None:
     injection = cfg.training.fault_injection
     if injection.kill_after_epoch != epoch or injection.rank != rank:
         return
-    marker = cfg.training.storage_path / cfg.training.run_name / f"fault_injected_after_epoch_{epoch}"
+    marker = Path(cfg.training.storage_path) / cfg.training.run_name / f"fault_injected_after_epoch_{epoch}"
     if marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
