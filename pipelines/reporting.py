@@ -1,4 +1,5 @@
-"""Artifacts of an evaluation: a precision-recall plot and val images drawn with their predictions."""
+"""Artifacts of an evaluation: a precision-recall plot, val images drawn with their predictions and the
+decoder attention maps (figures built on matplotlib's Agg canvas, no pyplot state)."""
 
 from __future__ import annotations
 
@@ -6,29 +7,29 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
+from sd_detr.diagnostics import save_png
 from sd_detr.evaluation import CocoEvaluator
 
 if TYPE_CHECKING:
     from pipelines.config import TrainJobConfig
+    from pipelines.worker import Evaluation
 
 SCORE_THRESHOLD = 0.3
 
 
-def precision_recall_figure(evaluator: CocoEvaluator) -> plt.Figure:
+def precision_recall_figure(evaluator: CocoEvaluator) -> Figure:
     """Precision-recall curves (area all, 100 detections) at IoU 0.5, 0.75 and averaged over 0.5:0.95."""
     precision = evaluator.last_eval.eval["precision"]  # [T IoU, R recall, K classes, A areas, M max dets]
     recall = evaluator.last_eval.params.recThrs
-    figure, axis = plt.subplots(figsize=(5, 4), dpi=100)
+    figure = Figure(figsize=(5, 4), dpi=100)
+    axis = figure.subplots()
     for label, values in (
         ("IoU 0.50", precision[0, :, :, 0, -1]),
         ("IoU 0.75", precision[5, :, :, 0, -1]),
@@ -63,19 +64,21 @@ def draw_predictions(image: torch.Tensor, target: dict, detection: dict, mean, s
 
 
 def log_evaluation_artifacts(
-    client: MlflowClient, run_id: str, epoch: int, evaluator: CocoEvaluator, kept: list, cfg: TrainJobConfig
+    client: MlflowClient, run_id: str, epoch: int, evaluation: Evaluation, cfg: TrainJobConfig
 ) -> None:
-    """Log ``plots/pr_curve_epoch<N>.png`` and ``predictions/epoch<N>/<image_id>.png`` to the run."""
+    """Log ``plots/pr_curve_epoch<N>.png``, ``predictions/epoch<N>/<image_id>.png`` and
+    ``attention/epoch<N>/<image_id>.png`` (decoder cross-attention per stream) to the run."""
     with tempfile.TemporaryDirectory() as directory:
         folder = Path(directory)
-        if getattr(evaluator, "last_eval", None) is not None:
-            figure = precision_recall_figure(evaluator)
-            path = folder / f"pr_curve_epoch{epoch:03d}.png"
-            figure.savefig(path)
-            plt.close(figure)
+        if getattr(evaluation.evaluator, "last_eval", None) is not None:
+            path = save_png(precision_recall_figure(evaluation.evaluator), folder / f"pr_curve_epoch{epoch:03d}.png")
             client.log_artifact(run_id, str(path), artifact_path="plots")
         aug = cfg.data.augmentation
-        for image, target, detection in kept:
-            path = folder / f"{int(target['image_id'])}.png"
+        for image, target, detection in evaluation.kept:
+            path = folder / "predictions" / f"{int(target['image_id'])}.png"
+            path.parent.mkdir(exist_ok=True)
             write_png(draw_predictions(image, target, detection, aug.mean, aug.std), str(path))
             client.log_artifact(run_id, str(path), artifact_path=f"predictions/epoch{epoch:03d}")
+        for image_id, figure in evaluation.attention:
+            path = save_png(figure, folder / "attention" / f"{image_id}.png")
+            client.log_artifact(run_id, str(path), artifact_path=f"attention/epoch{epoch:03d}")

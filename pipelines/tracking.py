@@ -86,12 +86,12 @@ def start_or_resume_run(
 
 
 def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int) -> None:
-    """Log finite numeric metrics in one batch at ``step``."""
+    """Log numeric metrics in one batch at ``step``."""
     timestamp = int(time.time() * 1000)
     entries = [
         Metric(key, float(value), timestamp, step)
         for key, value in metrics.items()
-        if isinstance(value, (int, float)) and value == value and abs(value) != float("inf")
+        if isinstance(value, (int, float))  # NaN (an undefined diagnostic) is stored as NaN by MLflow
     ]
     if entries:
         client.log_batch(run_id, metrics=entries)

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from matplotlib.figure import Figure
 from pycocotools.coco import COCO
 from torch.nn.parallel import DistributedDataParallel
 
@@ -24,6 +26,7 @@ from pipelines.reporting import log_evaluation_artifacts
 from pipelines.tracking import client_for, log_metrics
 from sd_detr.data.collate import DetectionBatch
 from sd_detr.data.meta import load_meta
+from sd_detr.diagnostics import attention_figures, score_iou_alignment, targets_to_pixel_xyxy
 from sd_detr.engine import build_criterion, build_lr_scheduler, build_optimizer, predict, train_step
 from sd_detr.evaluation import CocoEvaluator, coco_from_dict
 from sd_detr.model import Detector, build_detector
@@ -129,6 +132,17 @@ def train_one_epoch(
     return metrics
 
 
+@dataclass
+class Evaluation:
+    """One evaluation: metrics, the COCO evaluator, the first images with their predictions, and the
+    decoder attention figures of the first val batch (rank 0 logs them)."""
+
+    metrics: dict[str, float]
+    evaluator: CocoEvaluator
+    kept: list[tuple[torch.Tensor, dict, dict]]
+    attention: list[tuple[int, Figure]]
+
+
 def evaluate(
     model: Detector,
     batches: Iterable[DetectionBatch],
@@ -137,10 +151,13 @@ def evaluate(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     keep_images: int = 0,
-) -> tuple[dict[str, float], CocoEvaluator, list[tuple[torch.Tensor, dict, dict]]]:
-    """COCO evaluation over all val batches on this process. Returns (stats, evaluator, kept samples)."""
+) -> Evaluation:
+    """COCO evaluation and score-IoU diagnostics over all val batches on this process; attention maps of
+    the first ``keep_images`` images of the first batch."""
     evaluator = CocoEvaluator(ground_truth)
     kept: list[tuple[torch.Tensor, dict, dict]] = []
+    attention: list[tuple[int, Figure]] = []
+    all_detections, all_targets = [], []
     corrupt = 0
     for batch in batches:
         corrupt += batch.num_corrupt
@@ -152,13 +169,21 @@ def evaluate(
                              amp_dtype=amp_dtype)  # fmt: skip
         detections = [{k: v.cpu() for k, v in d.items()} for d in detections]
         evaluator.update([int(t["image_id"]) for t in batch.targets], detections)
+        all_detections.extend(detections)
+        all_targets.extend(targets_to_pixel_xyxy(batch.targets, label_to_category_id))
+        if keep_images and not attention:
+            count = min(keep_images, len(batch))
+            figures = attention_figures(model, on_device.images[:count], on_device.padding_mask[:count])
+            attention = [(int(t["image_id"]), f) for t, f in zip(batch.targets[:count], figures, strict=True)]
         for index in range(len(batch)):
             if len(kept) < keep_images:
                 kept.append((batch.images[index], batch.targets[index], detections[index]))
-    stats = {f"val_{k}": v for k, v in evaluator.summarize().items()}
-    stats["val_corrupt_images"] = float(corrupt)
-    stats["val_images"] = float(len(set(evaluator.image_ids)))
-    return stats, evaluator, kept
+    metrics = {f"val_{k}": v for k, v in evaluator.summarize().items()}
+    alignment = score_iou_alignment(all_detections, all_targets)
+    metrics |= {f"val_{k}": v for k, v in alignment.items() if k.startswith(("score_iou", "best_regressed"))}
+    metrics["val_corrupt_images"] = float(corrupt)
+    metrics["val_images"] = float(len(set(evaluator.image_ids)))
+    return Evaluation(metrics, evaluator, kept, attention)
 
 
 def load_checkpoint_state(directory: str | Path) -> dict[str, Any]:
@@ -240,11 +265,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
         checkpoint_dir = tempfile.mkdtemp(prefix="sd-detr-ckpt-") if rank == 0 else None
         if rank == 0:
             val_batches = iter_detection_batches(val_data, cfg.data.loader, cfg.data.augmentation)
-            stats, evaluator, kept = evaluate(
+            evaluation = evaluate(
                 unwrap(model), val_batches, ground_truth, label_to_category_id, device, amp_dtype,
                 cfg.training.num_prediction_images,
             )  # fmt: skip
-            metrics |= stats
+            metrics |= evaluation.metrics
             if metrics["val_AP"] > best_ap:
                 best_ap, best_epoch = metrics["val_AP"], epoch
             metrics |= {"epoch": float(epoch), "best_val_AP": best_ap, "best_epoch": float(best_epoch)}
@@ -256,7 +281,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
             )
             if client is not None:
                 log_metrics(client, run_id, metrics, step=epoch)
-                log_evaluation_artifacts(client, run_id, epoch, evaluator, kept, cfg)
+                log_evaluation_artifacts(client, run_id, epoch, evaluation, cfg)
             state = {
                 "model": unwrap(model).state_dict(),
                 "optimizer": optimizer.state_dict(),

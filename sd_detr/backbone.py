@@ -23,8 +23,14 @@ class FeatureMap:
     padding_mask: Tensor
 
 
+def _group_norm(num_channels: int) -> nn.GroupNorm:
+    """GroupNorm with 32 groups: batch-size independent normalization for training from scratch."""
+    return nn.GroupNorm(32, num_channels)
+
+
 class ResNetBackbone(nn.Module):
-    """torchvision ResNet (18/34/50/101) with FrozenBatchNorm2d, stride 32 (or 16 with DC5 or C4 output).
+    """torchvision ResNet (18/34/50/101) with FrozenBatchNorm2d (or GroupNorm to train from scratch),
+    stride 32 (or 16 with DC5 or C4 output).
 
     Stages beyond ``trainable_layers`` (counted from layer4 down to the stem) are frozen. Weights come only
     from ``weights_path`` (a local torchvision state_dict); nothing is downloaded.
@@ -32,9 +38,10 @@ class ResNetBackbone(nn.Module):
 
     def __init__(self, config: BackboneConfig) -> None:
         super().__init__()
+        norm_layer = FrozenBatchNorm2d if config.norm == "frozen_batchnorm" else _group_norm
         net = getattr(resnet, config.name)(
             weights=None,
-            norm_layer=FrozenBatchNorm2d,
+            norm_layer=norm_layer,
             replace_stride_with_dilation=[False, False, config.dilation],
         )
         if config.weights_path is not None:

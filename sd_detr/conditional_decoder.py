@@ -94,7 +94,7 @@ class ConditionalDetrDecoding(nn.Module):
     ) -> DecoderOutput:
         """memory, memory_pos [B, S, d]; mask [B, S]; spatial_shape (h, w) with h*w = S -> DecoderOutput."""
         batch = memory.shape[0]
-        query_pos = self.query_pos.weight[None].expand(batch, -1, -1)
+        query_pos = self.query_pos.weight[None].repeat(batch, 1, 1)
         reference = self.ref_point_head(query_pos).sigmoid()
         hidden = self.decoder(
             torch.zeros_like(query_pos), query_pos, reference, memory, memory_pos, memory_padding_mask

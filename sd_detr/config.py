@@ -34,6 +34,10 @@ class BackboneConfig(StrictModel):
         3, ge=0, le=5, description="How many of [layer4, layer3, layer2, layer1, stem] train (3 = layer2..4)."
     )
     dilation: bool = Field(False, description="DC5: dilate layer4 (stride 16 instead of 32).")
+    norm: Literal["frozen_batchnorm", "group_norm"] = Field(
+        "frozen_batchnorm",
+        description="frozen_batchnorm for pretrained weights (DETR); group_norm (32 groups) to train from scratch.",
+    )
     feature_level: Literal["c5", "c4"] = Field(
         "c5", description="Output of layer4 (C5, stride 32) or layer3 (C4, stride 16; layer4 dropped)."
     )

@@ -140,10 +140,10 @@ class SDDetrDecoding(nn.Module):
             encoder = queries.encoder
             extras = {"cls_points": queries.cls_points, "loc_points": queries.loc_points}
         else:
-            query_pos = self.query_pos.weight[None].expand(batch, -1, -1)
+            query_pos = self.query_pos.weight[None].repeat(batch, 1, 1)
             reference = self.ref_point_head(query_pos).sigmoid()
-            cls = self.cls_content.weight[None].expand(batch, -1, -1)
-            loc = self.loc_content.weight[None].expand(batch, -1, -1)
+            cls = self.cls_content.weight[None].repeat(batch, 1, 1)
+            loc = self.loc_content.weight[None].repeat(batch, 1, 1)
         cls_hidden, loc_hidden = self.decoder(cls, loc, query_pos, reference, memory, memory_pos, memory_padding_mask)
         extras["loc_hidden"] = loc_hidden
         return DecoderOutput(

@@ -113,7 +113,7 @@ class TaskAwareQueryGenerator(nn.Module):
 
     def forward(self, memory: Tensor, memory_padding_mask: Tensor, spatial_shape: tuple[int, int]) -> TaskAwareQueries:
         """memory [B, S, d]; memory_padding_mask [B, S]; spatial_shape (h, w), h*w = S."""
-        batch, cells, d_model = memory.shape
+        batch, _, d_model = memory.shape
         height, width = spatial_shape
         padding_mask = memory_padding_mask.view(batch, height, width)
         valid_cells = (~memory_padding_mask).sum(1)

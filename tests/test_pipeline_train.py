@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.image
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -17,6 +18,11 @@ from pipelines.training import run_training
 from tests.pipeline_helpers import REPO, tiny_job_config, tiny_job_overrides
 
 pytestmark = pytest.mark.ray
+
+
+def plt_image_shape(path: str) -> tuple[int, ...]:
+    """Shape of a PNG as matplotlib decodes it (fails on a broken file)."""
+    return matplotlib.image.imread(path).shape
 
 
 def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -46,6 +52,14 @@ def test_train_logs_registers_and_predicts_like_the_in_memory_model(ray_local, s
     assert "config.yaml" in artifacts
     assert {"plots/pr_curve_epoch000.png", "plots/pr_curve_epoch001.png"} <= artifacts
     assert any(p.startswith("predictions/epoch001/") and p.endswith(".png") for p in artifacts)
+    for key in ("val_score_iou_spearman", "val_score_iou_pearson", "val_best_regressed_recall"):
+        assert len(_history(client, outcome.run_id, key)) == 2, key
+    for epoch in (0, 1):
+        attention = sorted(p for p in artifacts if p.startswith(f"attention/epoch{epoch:03d}/"))
+        assert len(attention) == 2, artifacts
+        local = client.download_artifacts(outcome.run_id, attention[0], str(tmp_path))
+        assert Path(local).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert plt_image_shape(local)[2] in (3, 4)
     assert outcome.registered_version == "1" and outcome.aliased
     version = client.get_model_version_by_alias(cfg.tracking.model_name, "champion")
     assert str(version.version) == "1" and version.run_id == outcome.run_id
