@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,6 +60,11 @@ def ray_head(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         log.close()
+        # `ray start` registered this head as the machine's current cluster; a killed head leaves that file
+        # behind, and address auto-detection elsewhere (Train's placement-group cleaner) would chase it
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.exists() and current.read_text().strip().endswith(f":{gcs}"):
+            current.unlink()
 
 
 def test_ray_job_submit_runs_the_training_pipeline(ray_head, synthetic_root, tmp_path) -> None:
