@@ -4,6 +4,7 @@ tracking, build and fit the TorchTrainer, register the best model."""
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import ray
@@ -95,10 +96,28 @@ def prepare_run(cfg: TrainJobConfig, run_name: str | None = None, parent_run_id:
 
 
 def ensure_ray() -> None:
-    """Connect to ``$RAY_ADDRESS`` when set, else start a local Ray (once per process)."""
-    if not ray.is_initialized():
-        # "local" never attaches to a stale cluster that a previous `ray start` left registered on this host
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True)
+    """Join ``$RAY_ADDRESS`` or start a local Ray (once per process), telling the job's actors where the
+    cluster is: ``RAY_ADDRESS`` when joining, the local dashboard URL otherwise.
+
+    Ray Train's placement-group cleaner looks the cluster up by itself; on a host where a ``ray start`` left
+    its address file behind it would ask that (dead) cluster, time out and give up, leaving a stopped run's
+    workers reserved. ``address="local"`` likewise never attaches to such a stale cluster.
+    """
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+        return
+    with socket.socket() as probe:  # a free port for the dashboard, so its URL is known before it starts
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray.init(
+        address="local",
+        dashboard_port=port,
+        log_to_driver=True,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+    )
 
 
 def check_cluster_fits(cfg: TrainJobConfig) -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.mlflow_server import mlflow_server  # noqa: F401  (one session-wide MLflow server fixture)
+
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.pop("RAY_ADDRESS", None)  # always a fresh local test cluster, never a user's cluster
 

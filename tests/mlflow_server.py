@@ -7,9 +7,8 @@ as the compose stack's server does with PostgreSQL and S3. Layout under the dire
     artifacts/    --artifacts-destination (what clients upload through the proxy lands here)
     server.log    the server's stdout and stderr
 
-Use the session fixture in a test module (pytest finds fixtures by the names a module holds):
-
-    from tests.mlflow_server import mlflow_server  # noqa: F401
+The session fixture `mlflow_server` is registered once for the whole suite in `tests/conftest.py` (one
+definition, so one server per session, whichever modules use it):
 
     def test_something(mlflow_server: str) -> None:
         client = mlflow.MlflowClient(mlflow_server)  # "http://127.0.0.1:<port>"

@@ -19,14 +19,13 @@ from tests.mlflow_server import (
     ARTIFACTS_DIRNAME,
     LOOPBACK,
     http_get,
-    mlflow_server,  # noqa: F401
     running_mlflow_server,
     session_server_root,
 )
 
 
 @pytest.fixture
-def tracking_uri(mlflow_server: str) -> Iterator[str]:  # noqa: F811
+def tracking_uri(mlflow_server: str) -> Iterator[str]:
     """Point the fluent API (and the registry, which follows it) at the server; restore it afterwards."""
     previous = mlflow.get_tracking_uri() if mlflow.tracking.is_tracking_uri_set() else None
     mlflow.set_tracking_uri(mlflow_server)
@@ -42,7 +41,7 @@ def _unique(prefix: str) -> str:
 
 
 def test_server_is_up_on_loopback(
-    mlflow_server: str,  # noqa: F811
+    mlflow_server: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     assert mlflow_server.startswith(f"http://{LOOPBACK}:")
@@ -55,7 +54,7 @@ def test_server_is_up_on_loopback(
 
 
 def test_run_metric_and_proxied_artifact(
-    mlflow_server: str,  # noqa: F811
+    mlflow_server: str,
     tmp_path: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.inference import Predictor, list_images, load_checkpoint_model, load_registered_model
 from pipelines.training import run_training
-from tests.mlflow_server import mlflow_server, session_server_root  # noqa: F401
+from tests.mlflow_server import session_server_root
 from tests.pipeline_helpers import tiny_job_config
 
 pytestmark = pytest.mark.ray
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.ray
 def test_training_logs_to_a_tracking_server_and_registers_by_alias(
     ray_local,
     synthetic_root,
-    mlflow_server,  # noqa: F811
+    mlflow_server,
     tmp_path,
     tmp_path_factory,
 ) -> None:

@@ -1,0 +1,67 @@
+"""One Tune trial: a function trainable that builds and fits the very TorchTrainer of `pipelines/train.py`
+(`pipelines.training.prepare_run` + `build_trainer`), its MLflow run nested under the sweep's parent run.
+
+Inside the trial only ``ray.tune.get_context`` is used (``ray.train.*`` raises in a Tune session); metrics
+reach Tune through :class:`EpochReportCallback`, one Tune result per Train epoch report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import ray.tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from pipelines.tracking import client_for
+from pipelines.training import build_trainer, finish_run, prepare_run
+from tune.config import ALIGN_PATH, SPLIT_PATH, TIME_ATTR, build_trial_config
+
+TRIAL_ID_TAG = "sd_detr.tune.trial_id"
+
+
+class EpochReportCallback(TuneReportCallback):
+    """:class:`TuneReportCallback` that adds ``epochs_done`` (epochs completed, 1-based) to each result.
+
+    ASHA needs a time attribute that survives a restart: Tune's ``training_iteration`` counts the reports of
+    the current trial process, which starts again at 1 when a resumed Train run continues at a later epoch.
+    """
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        rank_zero = {**metrics[0], TIME_ATTR: int(metrics[0]["epoch"]) + 1}
+        super().after_report(run_context, [rank_zero, *metrics[1:]], checkpoint)
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial of a sweep shares (sent to the trial actors with ``tune.with_parameters``).
+
+    ``job`` is the trials' base :class:`TrainJobConfig` as JSON data, with absolute paths and the dataset
+    already resolved by the driver.
+    """
+
+    job: dict[str, Any]
+    sweep_name: str
+    parent_run_id: str
+
+
+def trial_run_name(sweep_name: str, trial_id: str, params: dict[str, Any]) -> str:
+    """Deterministic Ray Train and MLflow run name of a trial: sweep name, Tune trial id (kept by
+    ``Tuner.restore``) and the two knobs, e.g. ``sweep-3f2a1_00002-w0.5-s1``."""
+    return f"{sweep_name}-{trial_id}-w{float(params[ALIGN_PATH]):.3g}-s{int(params[SPLIT_PATH])}"
+
+
+def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
+    """Tune function trainable: fit the trial's TorchTrainer, resuming its Train run and MLflow child run when
+    they exist (a restored sweep), and close the child run when training ends.
+
+    When ASHA stops the trial, Tune kills this actor during ``fit``; the driver closes that child run.
+    """
+    trial_id = ray.tune.get_context().get_trial_id()
+    run_name = trial_run_name(setup.sweep_name, trial_id, params)
+    cfg = build_trial_config(setup.job, params, run_name)
+    prepared = prepare_run(cfg, run_name=run_name, parent_run_id=setup.parent_run_id)
+    client_for(prepared.tracking_uri).set_tag(prepared.run_id, TRIAL_ID_TAG, trial_id)
+    print(f"[trial {trial_id}] {params} -> MLflow run {prepared.run_id} ({run_name})", flush=True)
+    result = build_trainer(prepared, callbacks=[EpochReportCallback()]).fit()
+    finish_run(prepared, result)
