@@ -12,6 +12,7 @@ import torch
 from torchvision import tv_tensors
 
 from pipelines.config import TrainJobConfig
+from pipelines.tracking import fluent_uris
 from pipelines.worker import load_checkpoint_state
 from sd_detr.data.collate import pad_and_collate
 from sd_detr.data.config import AugmentationConfig
@@ -36,11 +37,9 @@ class LoadedModel:
 
 def load_registered_model(model_uri: str, tracking_uri: str | None = None) -> LoadedModel:
     """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> :class:`LoadedModel`."""
-    if tracking_uri is not None:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
-    model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
-    metadata = mlflow.models.get_model_info(model_uri).metadata or {}
+    with fluent_uris(tracking_uri or mlflow.get_tracking_uri()):
+        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        metadata = mlflow.models.get_model_info(model_uri).metadata or {}
     if "categories" not in metadata:
         raise ValueError(f"{model_uri} was not logged by pipelines/train.py (no categories in its metadata)")
     augmentation = AugmentationConfig(

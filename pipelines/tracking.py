@@ -3,9 +3,11 @@ artifact logging by run id (rank 0 / driver only), model registration and the ch
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,8 @@ import mlflow
 import torch
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
+from mlflow.tracking._model_registry import utils as registry_utils
+from mlflow.tracking._tracking_service import utils as tracking_utils
 
 RUN_NAME_TAG = "sd_detr.run_name"
 AP_TAG = "val_AP"
@@ -104,6 +108,26 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}  (then open experiment {experiment_id}, run {run_id})"
 
 
+@contextlib.contextmanager
+def fluent_uris(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (tracking and registry) at ``uri`` for a block, then restore the previous
+    state, including the ``MLFLOW_TRACKING_URI``/``MLFLOW_REGISTRY_URI`` variables that ``set_*_uri`` export:
+    a library call must not redirect later clients or child processes to another store."""
+    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)  # no public getter tells "unset"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def register_model(
     uri: str,
     run_id: str,
@@ -115,10 +139,8 @@ def register_model(
 ) -> tuple[str, bool]:
     """Log ``model`` to ``run_id`` and register it under ``model_name``; move ``alias`` to the new version
     when its val AP beats the aliased version's (or no version has the alias). Returns (version, aliased)."""
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     client = client_for(uri)
-    with mlflow.start_run(run_id=run_id):
+    with fluent_uris(uri), mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             model.cpu().eval(),
             name="model",

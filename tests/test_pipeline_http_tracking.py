@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
-import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -29,24 +29,20 @@ def test_training_logs_to_a_tracking_server_and_registers_by_alias(
         tmp_path, synthetic_root, name, epochs=1,
         extra=[f"tracking.tracking_uri={mlflow_server}", f"tracking.experiment=exp-{name}", "scaling.num_workers=1"],
     )  # fmt: skip
-    previous_uri = mlflow.get_tracking_uri()
-    try:
-        outcome = run_training(cfg)
-        client = MlflowClient(mlflow_server)
-        run = client.get_run(outcome.run_id)
-        assert run.info.status == "FINISHED" and "val_AP" in run.data.metrics
-        assert run.info.artifact_uri.startswith("mlflow-artifacts:")
-        stored = session_server_root(tmp_path_factory) / "artifacts"
-        assert any(p.name == "config.yaml" for p in stored.rglob("config.yaml"))
-        assert any(p.name == "MLmodel" for p in stored.rglob("MLmodel"))
+    outcome = run_training(cfg)
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED" and "val_AP" in run.data.metrics
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    stored = session_server_root(tmp_path_factory) / "artifacts"
+    assert any(p.name == "config.yaml" for p in stored.rglob("config.yaml"))
+    assert any(p.name == "MLmodel" for p in stored.rglob("MLmodel"))
 
-        version = client.get_model_version_by_alias(cfg.tracking.model_name, "champion")
-        assert str(version.version) == outcome.registered_version == "1"
-        registered = load_registered_model(f"models:/{cfg.tracking.model_name}@champion", mlflow_server)
-        in_memory = load_checkpoint_model(outcome.checkpoint_path)
-        images = [p.read_bytes() for p in list_images([synthetic_root / "images" / "val"])[:2]]
-        for ours, theirs in zip(Predictor(registered)(images), Predictor(in_memory)(images), strict=True):
-            assert torch.allclose(ours["scores"], theirs["scores"], atol=1e-6)
-    finally:
-        mlflow.set_tracking_uri(previous_uri)
-        mlflow.set_registry_uri(previous_uri)
+    version = client.get_model_version_by_alias(cfg.tracking.model_name, "champion")
+    assert str(version.version) == outcome.registered_version == "1"
+    registered = load_registered_model(f"models:/{cfg.tracking.model_name}@champion", mlflow_server)
+    in_memory = load_checkpoint_model(outcome.checkpoint_path)
+    images = [p.read_bytes() for p in list_images([synthetic_root / "images" / "val"])[:2]]
+    for ours, theirs in zip(Predictor(registered)(images), Predictor(in_memory)(images), strict=True):
+        assert torch.allclose(ours["scores"], theirs["scores"], atol=1e-6)
+    assert "MLFLOW_REGISTRY_URI" not in os.environ  # the pipeline left no global redirection behind
