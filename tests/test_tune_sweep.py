@@ -44,7 +44,7 @@ def _sweep_config(overrides: list[str]) -> SweepConfig:
         ("sweep.query_split.values=[0, 5]", "sweep.query_split: values [5] out of range"),
         ("sweep.align_loss_weight={kind: uniform, low: 0.1, high: 2.0}", "cannot be enumerated by sweep.search=grid"),
         ("sweep.extra={model.taq: [true, maybe]}", "sweep.extra['model.taq']"),
-        ("sweep.asha.max_t=40", "sweep.asha.max_t (40) exceeds optimizer.epochs (12)"),
+        ("sweep.asha.max_t=40", "sweep.asha.max_t (40) exceeds optimizer.epochs (10)"),
     ],
 )
 def test_invalid_sweep_config_exits_before_ray_starts(override: str, message: str, tmp_path, capsys) -> None:
