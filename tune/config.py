@@ -27,6 +27,14 @@ TIME_ATTR = "epochs_done"
 """ASHA's time attribute: epochs completed (1-based), added to every Tune result by the trial."""
 
 
+def _check_grid(values: list, low: object, high: object) -> None:
+    """A grid space lists distinct values and no bounds."""
+    if not values or low is not None or high is not None:
+        raise ValueError("kind=grid takes a non-empty `values` list and no low/high")
+    if len(set(values)) != len(values):
+        raise ValueError(f"values must be distinct (got {values})")
+
+
 class FloatSpace(StrictModel):
     """A float search space: ``grid`` values, or ``uniform``/``loguniform`` bounds (random search only)."""
 
@@ -38,10 +46,7 @@ class FloatSpace(StrictModel):
     @model_validator(mode="after")
     def _shape(self) -> FloatSpace:
         if self.kind == "grid":
-            if not self.values or self.low is not None or self.high is not None:
-                raise ValueError("kind=grid takes a non-empty `values` list and no low/high")
-            if len(set(self.values)) != len(self.values):
-                raise ValueError(f"values must be distinct (got {self.values})")
+            _check_grid(self.values, self.low, self.high)
             return self
         if self.values or self.low is None or self.high is None:
             raise ValueError(f"kind={self.kind} takes `low` and `high` and no `values`")
@@ -67,10 +72,7 @@ class IntSpace(StrictModel):
     @model_validator(mode="after")
     def _shape(self) -> IntSpace:
         if self.kind == "grid":
-            if not self.values or self.low is not None or self.high is not None:
-                raise ValueError("kind=grid takes a non-empty `values` list and no low/high")
-            if len(set(self.values)) != len(self.values):
-                raise ValueError(f"values must be distinct (got {self.values})")
+            _check_grid(self.values, self.low, self.high)
             return self
         if self.values or self.low is None or self.high is None:
             raise ValueError("kind=range takes `low` and `high` (inclusive) and no `values`")
