@@ -1,6 +1,6 @@
 """Conditional DETR vs SD-DETR (and the paper's ablation steps) at an equal budget on the synthetic data.
 
-    .venv/bin/python benchmarks/compare_variants.py --epochs 12 --seeds 0 1
+    .venv/bin/python benchmarks/compare_variants.py --epochs 10 --seeds 0 1
     .venv/bin/python benchmarks/compare_variants.py --variants conditional_detr sd_detr --set optimizer.epochs=30
 
 Every variant is `configs/default.yaml` + `configs/variants/<variant>.yaml`, trained by the real pipeline
@@ -87,7 +87,7 @@ def main() -> None:
         "--variants", nargs="+", default=["conditional_detr", "sd_detr", "ablation_dfl", "ablation_dfl_taq"]
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--workdir", type=Path, default=Path("outputs/compare_variants"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -94,12 +96,26 @@ def train_one_epoch(
     rank: int,
     steps_per_epoch: int | None,
 ) -> dict[str, float]:
-    """Train over this rank's shard once; returns metrics summed over all ranks (losses averaged)."""
+    """Train over this rank's shard once; returns metrics summed over all ranks (losses averaged).
+
+    Besides losses and images/s: ``train_data_wait_s``, the seconds a rank waited for its next batch (mean
+    over ranks; the rest of the epoch is compute, as each step ends with a host-device sync), and
+    ``train_first_batch_s``, the part of it spent before the first batch (the input pipeline's start).
+    """
     sums = {"loss": 0.0, "loss_class": 0.0, "loss_bbox": 0.0, "loss_giou": 0.0, "loss_align": 0.0}
-    sums |= {"steps": 0.0, "images": 0.0, "corrupt": 0.0}
+    sums |= {"steps": 0.0, "images": 0.0, "corrupt": 0.0, "data_wait_s": 0.0, "first_batch_s": 0.0}
     started = time.perf_counter()
     estimate = steps_per_epoch
-    for step, batch in enumerate(synchronized_batches(batches, device)):
+    iterator = synchronized_batches(batches, device)
+    for step in itertools.count():
+        waiting = time.perf_counter()
+        batch = next(iterator, None)
+        waited = time.perf_counter() - waiting
+        sums["data_wait_s"] += waited
+        if step == 0:
+            sums["first_batch_s"] = waited
+        if batch is None:
+            break
         sums["corrupt"] += batch.num_corrupt
         batch = batch.to(device, non_blocking=True)
         losses = train_step(
@@ -129,6 +145,9 @@ def train_one_epoch(
     metrics["train_images_per_s"] = totals["images"] / max(elapsed, 1e-9)
     metrics["train_corrupt_images"] = totals["corrupt"]
     metrics["train_epoch_seconds"] = elapsed
+    world_size = dist.get_world_size() if distributed() else 1
+    metrics["train_data_wait_s"] = totals["data_wait_s"] / world_size
+    metrics["train_first_batch_s"] = totals["first_batch_s"] / world_size
     return metrics
 
 
@@ -204,9 +223,19 @@ def _maybe_inject_fault(cfg: TrainJobConfig, epoch: int, rank: int) -> None:
     os._exit(1)
 
 
+def quiet_report_logs() -> None:
+    """Silence Ray Train's INFO line per ``ray.train.report`` call and rank (every metric, three long lines
+    per epoch); the rank-0 epoch line says the same in one line. Ray 2.60 names that logger by its file
+    path, outside ``ray.train``, so ``RunConfig(logging_config=...)`` does not reach it."""
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     """Entry point of every Ray Train worker. ``loop_config`` holds the validated job config (JSON), the
     MLflow tracking URI and run id (rank 0 logs there)."""
+    quiet_report_logs()
     cfg = TrainJobConfig.model_validate(loop_config["config"])
     run_id: str | None = loop_config.get("mlflow_run_id")
     context = ray.train.get_context()
@@ -276,7 +305,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
             print(
                 f"[epoch {epoch}] loss {metrics['train_loss']:.3f} val AP {metrics['val_AP']:.4f} "
                 f"AP50 {metrics['val_AP50']:.4f} ({metrics['train_images_per_s']:.1f} img/s, "
-                f"{metrics['train_epoch_seconds']:.0f}s)",
+                f"{metrics['train_epoch_seconds']:.0f}s, waiting for data {metrics['train_data_wait_s']:.0f}s)",
                 flush=True,
             )
             if client is not None:

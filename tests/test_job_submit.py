@@ -77,6 +77,8 @@ def test_ray_job_submit_runs_the_training_pipeline(ray_head, synthetic_root, tmp
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "succeeded" in output and "== sd-detr training finished" in output
+    assert "[epoch 0] loss" in output  # rank 0's one-line epoch summary reaches the job's log
+    assert "Reporting training result" not in output  # Ray's multi-line metric dump per report does not
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("sd-detr").experiment_id])
     assert [r.info.status for r in runs] == ["FINISHED"]

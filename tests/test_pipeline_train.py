@@ -46,7 +46,7 @@ def test_train_logs_registers_and_predicts_like_the_in_memory_model(ray_local, s
     assert run.data.params["model.variant"] == "sd_detr" and run.data.params["optimizer.epochs"] == "2"
     assert [step for step, _ in _history(client, outcome.run_id, "val_AP")] == [0, 1]
     assert len(_history(client, outcome.run_id, "train_loss")) == 2
-    for key in ("val_AP50", "val_ARl", "lr", "train_images_per_s", "train_loss_align"):
+    for key in ("val_AP50", "val_ARl", "lr", "train_images_per_s", "train_loss_align", "train_data_wait_s"):
         assert key in run.data.metrics
     artifacts = _artifact_paths(client, outcome.run_id)
     assert "config.yaml" in artifacts
