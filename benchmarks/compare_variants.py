@@ -84,7 +84,7 @@ def markdown_table(results: dict[str, dict[str, tuple[float, float]]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--variants", nargs="+", default=["conditional_detr", "sd_detr", "ablation_dfl", "ablation_dfl_taq"]
+        "--variants", nargs="+", default=["conditional_detr", "ablation_dfl", "ablation_dfl_taq", "sd_detr"]
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--epochs", type=int, default=10)
