@@ -47,6 +47,23 @@ def test_ray_eval_batches_equal_the_dataloader_batches(ray_local, synthetic_root
             assert target["labels"].dtype == torch.int64 and target["orig_size"].dtype == torch.int64
 
 
+def test_materialized_val_set_gives_the_streamed_batches_every_epoch(ray_local, synthetic_root: Path) -> None:
+    from ray.data.dataset import MaterializedDataset
+
+    from pipelines.ray_data import build_datasets, iter_detection_batches
+
+    aug = AugmentationConfig()
+    cached_loader = LoaderConfig(batch_size=4, decode_batch_size=4)
+    streamed_loader = cached_loader.model_copy(update={"materialize_val": False})
+    cached = build_datasets(synthetic_root / "train", synthetic_root / "val", aug, cached_loader)["val"]
+    streamed = build_datasets(synthetic_root / "train", synthetic_root / "val", aug, streamed_loader)["val"]
+    assert isinstance(cached, MaterializedDataset) and not isinstance(streamed, MaterializedDataset)
+    reference = list(iter_detection_batches(streamed, streamed_loader, aug))
+    for _ in range(2):  # read again at every evaluation
+        assert _same(list(iter_detection_batches(cached, cached_loader, aug)), reference)
+    assert len(_ids(reference)) == 6
+
+
 def test_ray_train_pipeline_is_seeded_and_varies_per_epoch(ray_local, synthetic_root: Path) -> None:
     from pipelines.ray_data import build_detection_dataset, iter_detection_batches
 
