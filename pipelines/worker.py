@@ -217,10 +217,31 @@ def _maybe_inject_fault(cfg: TrainJobConfig, epoch: int, rank: int) -> None:
     marker = Path(cfg.training.storage_path) / cfg.training.run_name / f"fault_injected_after_epoch_{epoch}"
     if marker.exists():
         return
+    if epoch > 0:
+        _wait_until_checkpoint_registered(marker.parent / "checkpoint_manager_snapshot.json", epoch - 1)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("killed once by training.fault_injection\n")
     print(f"[fault injection] killing rank {rank} after epoch {epoch}", flush=True)
     os._exit(1)
+
+
+def _wait_until_checkpoint_registered(snapshot: Path, epoch: int, timeout_s: float = 120.0) -> None:
+    """Block until Ray Train's controller has registered the checkpoint reported for ``epoch``.
+
+    Ray Train V2 queues a report in the worker until the controller polls it (every ~2 s); a worker that
+    dies before that poll loses the report, and the restart resumes from the checkpoint before. The fault
+    hook waits for the controller's checkpoint snapshot (``checkpoint_manager_snapshot.json`` in the run's
+    storage) to list that epoch, so "killed after epoch k" always resumes from epoch k-1's checkpoint.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            results = json.loads(snapshot.read_text()).get("checkpoint_results", [])
+        except (OSError, ValueError):
+            results = []
+        if any(r.get("metrics", {}).get("epoch") == float(epoch) for r in results):
+            return
+        time.sleep(0.2)
 
 
 def quiet_report_logs() -> None:
