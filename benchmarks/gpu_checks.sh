@@ -25,7 +25,7 @@ for batch in 2 16; do
         --set scaling.num_workers=1 --set scaling.use_gpu=true --set scaling.cpus_per_worker=4 \
         --set data.loader.batch_size=$batch --set optimizer.epochs=3 \
         --set training.run_name=gpu-batch$batch --set tracking.model_name=sd-detr-gpu-check \
-        2>&1 | grep -v "Reporting training result" | tee "$out/train_batch$batch.txt" ||
+        2>&1 | tee "$out/train_batch$batch.txt" ||
         { echo "train.py (batch $batch) failed"; failed=1; }
 done
 grep -h "\] loss .* img/s" "$out"/train_batch*.txt | tee "$out/train_images_per_s.txt" || true

@@ -52,12 +52,16 @@ class FaultInjection(StrictModel):
     rank: int = Field(1, ge=0, description="Which rank dies.")
 
 
+RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+"""Run and sweep names: they become directory names in Ray's storage and MLflow run names."""
+
+
 class TrainingSection(StrictModel):
     """Run identity, seeding, failure handling and reporting."""
 
     run_name: str = Field(
         "sd-detr-synthetic",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        pattern=RUN_NAME_PATTERN,
         description="Ray run name and MLflow run name; rerunning the same name resumes it.",
     )
     storage_path: str = Field(

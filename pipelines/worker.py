@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from matplotlib.figure import Figure
 from pycocotools.coco import COCO
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 from torch.nn.parallel import DistributedDataParallel
 
 from pipelines.config import TrainJobConfig
@@ -218,7 +219,7 @@ def _maybe_inject_fault(cfg: TrainJobConfig, epoch: int, rank: int) -> None:
     if marker.exists():
         return
     if epoch > 0:
-        _wait_until_checkpoint_registered(marker.parent / "checkpoint_manager_snapshot.json", epoch - 1)
+        _wait_until_checkpoint_registered(marker.parent / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME, epoch - 1)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.write_text("killed once by training.fault_injection\n")
     print(f"[fault injection] killing rank {rank} after epoch {epoch}", flush=True)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from pipelines.config import TrainJobConfig
+from pipelines.config import RUN_NAME_PATTERN, TrainJobConfig
 from sd_detr.config import StrictModel, apply_overrides
 
 ALIGN_PATH = "loss.align_loss_weight"
@@ -101,7 +101,7 @@ class SweepSection(StrictModel):
 
     name: str = Field(
         "sd-detr-sweep",
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        pattern=RUN_NAME_PATTERN,
         description="Tune experiment and MLflow parent run name; rerunning the same name resumes the sweep.",
     )
     align_loss_weight: FloatSpace = Field(
