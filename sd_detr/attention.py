@@ -62,6 +62,19 @@ class EncoderSelfAttention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model)
         self.out_proj = nn.Linear(d_model, d_model)
 
+    def reset_parameters_as_packed(self) -> None:
+        """Initialise q, k, v as official DETR's ``nn.MultiheadAttention`` does (docs/method.md 1.10): one
+        packed [3d, d] weight drawn xavier_uniform (bound sqrt(6 / 4d)) and split, zero biases; zero output
+        bias (its weight is left to the caller's xavier pass)."""
+        width = self.q_proj.weight.shape[0]
+        packed = torch.empty(3 * width, width, device=self.q_proj.weight.device)
+        nn.init.xavier_uniform_(packed)
+        with torch.no_grad():
+            for projection, chunk in zip((self.q_proj, self.k_proj, self.v_proj), packed.chunk(3), strict=True):
+                projection.weight.copy_(chunk)
+                projection.bias.zero_()
+            self.out_proj.bias.zero_()
+
     def forward(self, x: Tensor, pos: Tensor, padding_mask: Tensor | None) -> Tensor:
         """x, pos [B, S, d]; padding_mask [B, S] (True = padded) -> [B, S, d]."""
         query_key = x + pos

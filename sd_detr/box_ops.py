@@ -33,3 +33,10 @@ def inverse_sigmoid(x: Tensor, eps: float = 1e-5) -> Tensor:
     """Logit of ``x`` clamped to [eps, 1 - eps]; inverse of ``torch.sigmoid`` on (0, 1)."""
     x = x.clamp(min=0.0, max=1.0)
     return torch.log(x.clamp(min=eps) / (1.0 - x).clamp(min=eps))
+
+
+def full_precision(device: torch.device) -> torch.autocast:
+    """Context that turns autocast off on ``device``: what runs inside computes in the dtype of its inputs
+    (fp32 when they are cast with ``.float()``). Reference points and boxes are computed inside it so that
+    bf16/fp16 autocast never rounds box coordinates (docs/method.md 1.11)."""
+    return torch.autocast(device_type=device.type, enabled=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from sd_detr.box_ops import full_precision
 from sd_detr.config import ModelConfig, TransformerConfig
 from sd_detr.heads import DecoderOutput, PredictionHeads, check_memory
 from sd_detr.layers import MLP, DecoderCrossBlock, DecoderSelfAttentionBlock
@@ -74,7 +75,7 @@ class ConditionalDetrDecoding(nn.Module):
     """The Conditional DETR half after the encoder: learned queries, decoder, shared heads.
 
     Each of the N slots has a learned position embedding ``q`` and a reference point
-    ``ref = sigmoid(MLP(q))``; the content starts at zero.
+    ``ref = sigmoid(MLP(q))`` (fp32, autocast off); the content starts at zero.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -84,6 +85,11 @@ class ConditionalDetrDecoding(nn.Module):
         self.ref_point_head = MLP(d, d, 2, 2)
         self.decoder = ConditionalDecoder(config.transformer)
         self.heads = PredictionHeads(d, config.num_classes, config.class_prior_prob)
+
+    def transformer_modules(self) -> list[nn.Module]:
+        """The modules official Conditional DETR initialises as transformer weights (xavier_uniform,
+        docs/method.md 1.10): the decoder (layers, query-scale MLP) and the reference-point MLP."""
+        return [self.decoder, self.ref_point_head]
 
     def forward(
         self,
@@ -95,7 +101,8 @@ class ConditionalDetrDecoding(nn.Module):
         """memory, memory_pos [B, S, d]; mask [B, S]; spatial_shape (h, w) with h*w = S -> DecoderOutput."""
         batch = memory.shape[0]
         query_pos = self.query_pos.weight[None].repeat(batch, 1, 1)
-        reference = self.ref_point_head(query_pos).sigmoid()
+        with full_precision(memory.device):
+            reference = self.ref_point_head(query_pos.float()).sigmoid()
         hidden = self.decoder(
             torch.zeros_like(query_pos), query_pos, reference, memory, memory_pos, memory_padding_mask
         )

@@ -9,17 +9,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sd_detr.box_ops import inverse_sigmoid
+from sd_detr.box_ops import full_precision, inverse_sigmoid
 from sd_detr.layers import MLP
 
 
 @dataclass
 class Predictions:
     """One set of predictions: ``logits`` [B, N, C] (sigmoid scores, no background class) and
-    ``boxes`` [B, N, 4] normalized cxcywh in [0, 1]."""
+    ``boxes`` [B, N, 4] normalized cxcywh in [0, 1]; ``valid`` [B, N] bool or None (= all valid).
+
+    Slots with ``valid`` False are not predictions at all (TAQ's encoder output on an image with fewer
+    memory cells than slots, docs/method.md 2.2): the matcher never assigns them and the criterion gives
+    them no loss.
+    """
 
     logits: Tensor
     boxes: Tensor
+    valid: Tensor | None = None
 
 
 @dataclass
@@ -40,7 +46,9 @@ class PredictionHeads(nn.Module):
     """Class head (Linear, focal prior bias) and box head (3-layer MLP refining a reference box).
 
     The box head predicts logit-space offsets; the reference's coordinates (center, or the whole box when
-    the reference is 4-d) are added to them before the sigmoid.
+    the reference is 4-d) are added to them before the sigmoid. Initialisation as official Conditional
+    DETR (docs/method.md 1.10): class bias -log((1 - p) / p), last box layer zero, so every slot starts at
+    score p and at its reference box.
     """
 
     def __init__(self, d_model: int, num_classes: int, class_prior_prob: float) -> None:
@@ -56,10 +64,15 @@ class PredictionHeads(nn.Module):
         return self.class_head(hidden)
 
     def regress(self, hidden: Tensor, reference: Tensor) -> Tensor:
-        """hidden [..., N, d], reference [B, N, 2 or 4] normalized -> boxes [..., N, 4] normalized cxcywh."""
-        offsets = self.box_head(hidden)
-        reference_logit = F.pad(inverse_sigmoid(reference), (0, 4 - reference.shape[-1]))
-        return (offsets + reference_logit.to(offsets.dtype)).sigmoid()
+        """hidden [..., N, d], reference [B, N, 2 or 4] normalized -> boxes [..., N, 4] normalized cxcywh, fp32.
+
+        The box MLP, the reference logit and the sigmoid run in fp32 with autocast off (docs/method.md 1.11):
+        bf16 would round the box coordinates by up to ~4 px at 1333 px.
+        """
+        with full_precision(hidden.device):
+            offsets = self.box_head(hidden.float())
+            reference_logit = F.pad(inverse_sigmoid(reference.float()), (0, 4 - reference.shape[-1]))
+            return (offsets + reference_logit).sigmoid()
 
 
 def check_memory(memory: Tensor, memory_pos: Tensor, memory_padding_mask: Tensor | None) -> None:

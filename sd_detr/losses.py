@@ -46,9 +46,15 @@ def one_hot_targets(logits: Tensor, targets: list[dict[str, Tensor]], assignment
     return onehot
 
 
-def focal_loss(logits: Tensor, onehot: Tensor, num_boxes: float, alpha: float, gamma: float) -> Tensor:
-    """Sigmoid focal loss summed over all (slot, class) pairs and divided by ``num_boxes``."""
-    return sigmoid_focal_loss(logits, onehot, alpha=alpha, gamma=gamma, reduction="sum") / num_boxes
+def focal_loss(
+    logits: Tensor, onehot: Tensor, num_boxes: float, alpha: float, gamma: float, valid: Tensor | None = None
+) -> Tensor:
+    """Sigmoid focal loss summed over all (slot, class) pairs and divided by ``num_boxes``; with ``valid``
+    [B, N] bool only the valid slots' pairs count (logits, onehot [B, N, C])."""
+    if valid is None:
+        return sigmoid_focal_loss(logits, onehot, alpha=alpha, gamma=gamma, reduction="sum") / num_boxes
+    per_pair = sigmoid_focal_loss(logits, onehot, alpha=alpha, gamma=gamma, reduction="none")
+    return (per_pair * valid[..., None].to(per_pair.dtype)).sum() / num_boxes
 
 
 def box_losses(predicted: Tensor, target: Tensor, num_boxes: float) -> tuple[Tensor, Tensor]:
@@ -66,20 +72,24 @@ def alignment_loss(
     alpha: float,
     beta: float,
     gamma: float,
+    valid: Tensor | None = None,
 ) -> Tensor:
-    """SD-DETR task-alignment loss (IoU-aware BCE), DESIGN.md 1.4.4.
+    """SD-DETR task-alignment loss (IoU-aware BCE), docs/method.md 2.3.
 
     For each matched (slot, ground-truth class) pair with score s = sigmoid(logit) and IoU u of its box
     with the ground truth, the target is t = s^alpha * u^beta (s, u detached), weight 1. Every other
     (slot, class) pair has target 0 and weight s^gamma (detached). Sum / ``num_boxes``.
 
-    logits, onehot [B, N, C]; matched_iou [B, N] (IoU of matched slots, anything elsewhere).
+    logits, onehot [B, N, C]; matched_iou [B, N] (IoU of matched slots, anything elsewhere); ``valid``
+    [B, N] bool or None: invalid slots get weight 0.
     """
     scores = logits.sigmoid().detach()
     positive = onehot > 0
     soft = scores.pow(alpha) * matched_iou.detach().clamp(min=0.0)[..., None].pow(beta)
     target = torch.where(positive, soft, torch.zeros_like(scores))
     weight = torch.where(positive, torch.ones_like(scores), scores.pow(gamma))
+    if valid is not None:
+        weight = weight * valid[..., None].to(weight.dtype)
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
     return (bce * weight).sum() / num_boxes
 
@@ -120,10 +130,14 @@ class SetCriterion(nn.Module):
         num_boxes: float,
         with_alignment: bool,
     ) -> dict[str, Tensor]:
-        """Unweighted loss terms (``class``, ``bbox``, ``giou`` and optionally ``align``) of one output."""
+        """Unweighted loss terms (``class``, ``bbox``, ``giou`` and optionally ``align``) of one output.
+
+        Slots with ``prediction.valid`` False are never matched and get no focal (or alignment) loss.
+        """
         cfg = self.config
         logits, boxes = prediction.logits.float(), prediction.boxes.float()
-        assignments = self.matcher(logits, boxes, targets)
+        valid = prediction.valid
+        assignments = self.matcher(logits, boxes, targets, valid)
         onehot = one_hot_targets(logits, targets, assignments)
         batch, pred = _matched(assignments)
         batch, pred = batch.to(boxes.device), pred.to(boxes.device)
@@ -131,7 +145,7 @@ class SetCriterion(nn.Module):
         target_boxes = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, assignments, strict=True)]).to(boxes)
         l1, giou = box_losses(matched_boxes, target_boxes, num_boxes)
         terms = {
-            "class": focal_loss(logits, onehot, num_boxes, cfg.focal_alpha, cfg.focal_gamma),
+            "class": focal_loss(logits, onehot, num_boxes, cfg.focal_alpha, cfg.focal_gamma, valid),
             "bbox": l1,
             "giou": giou,
         }
@@ -141,7 +155,7 @@ class SetCriterion(nn.Module):
                 iou = box_iou(cxcywh_to_xyxy(matched_boxes), cxcywh_to_xyxy(target_boxes)).diagonal()
                 matched_iou[batch, pred] = iou.detach()
             terms["align"] = alignment_loss(
-                logits, onehot, matched_iou, num_boxes, cfg.align_alpha, cfg.align_beta, cfg.align_gamma
+                logits, onehot, matched_iou, num_boxes, cfg.align_alpha, cfg.align_beta, cfg.align_gamma, valid
             )
         return terms
 

@@ -32,13 +32,18 @@ class HungarianMatcher(nn.Module):
         self.config = config
 
     @torch.no_grad()
-    def forward(self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]]) -> list[Assignment]:
+    def forward(
+        self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]], valid: Tensor | None = None
+    ) -> list[Assignment]:
         """logits [B, N, C], boxes [B, N, 4] normalized cxcywh; targets: per image ``labels`` [T_i] int64
-        and ``boxes`` [T_i, 4] normalized cxcywh -> one :data:`Assignment` per image."""
+        and ``boxes`` [T_i, 4] normalized cxcywh; ``valid`` [B, N] bool (None = all): only valid predictions
+        are assigned (K = min(valid predictions, T_i)) -> one :data:`Assignment` per image."""
         batch, num_queries = logits.shape[:2]
         sizes = [len(t["boxes"]) for t in targets]
         if len(targets) != batch:
             raise ValueError(f"{len(targets)} targets for a batch of {batch}")
+        if valid is not None and valid.shape != (batch, num_queries):
+            raise ValueError(f"valid {tuple(valid.shape)} must be {(batch, num_queries)}")
         empty = torch.empty(0, dtype=torch.int64)
         if sum(sizes) == 0:
             return [(empty, empty) for _ in sizes]
@@ -55,8 +60,15 @@ class HungarianMatcher(nn.Module):
             )
         big = torch.finfo(cost.dtype).max
         cost = torch.nan_to_num(cost, nan=big, posinf=big, neginf=big).view(batch, num_queries, -1).cpu()
+        valid_rows = None if valid is None else [row.nonzero()[:, 0] for row in valid.cpu()]
         assignments = []
         for index, chunk in enumerate(cost.split(sizes, dim=-1)):
-            rows, cols = linear_sum_assignment(chunk[index].numpy())
-            assignments.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+            image_cost = chunk[index]
+            if valid_rows is not None:  # solve among the valid predictions, then map back to slot indices
+                image_cost = image_cost[valid_rows[index]]
+            rows, cols = linear_sum_assignment(image_cost.numpy())
+            rows = torch.as_tensor(rows, dtype=torch.int64)
+            if valid_rows is not None:
+                rows = valid_rows[index][rows]
+            assignments.append((rows, torch.as_tensor(cols, dtype=torch.int64)))
         return assignments

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from sd_detr.attention import ConditionalCrossAttention, DecoderSelfAttention, EncoderSelfAttention
 from sd_detr.backbone import ResNetBackbone
 from sd_detr.conditional_decoder import ConditionalDetrDecoding
 from sd_detr.config import ModelConfig
@@ -21,7 +23,8 @@ class DetectorOutput:
 
     - ``logits`` [B, N, C], ``boxes`` [B, N, 4] normalized cxcywh: the last decoder layer.
     - ``aux``: the same for every earlier decoder layer (first to second-to-last).
-    - ``encoder``: TAQ mini-detector predictions on its selected cells, or None.
+    - ``encoder``: TAQ mini-detector predictions on its selected cells (``valid`` [B, N] marks the slots that
+      are cells; fill slots of small images are not), or None.
     - ``memory`` [B, S, d] and ``memory_padding_mask`` [B, S]: encoder output; ``decoder`` holds the
       per-layer tensors (hidden states, reference points, extras such as attention inputs).
     """
@@ -47,8 +50,11 @@ class Detector(nn.Module):
     """DETR-style detector; ``config.variant`` picks the decoder, every other part is shared.
 
     Train/eval contract: input ``images`` [B, 3, H, W] ImageNet-normalized float and ``padding_mask``
-    [B, H, W] bool (True = padded pixel); output :class:`DetectorOutput`. Boxes (predicted and target) are
-    normalized cxcywh relative to each image's own unpadded extent, as in DETR.
+    [B, H, W] bool (True = padded pixel; each image's valid pixels are its top-left rectangle); output
+    :class:`DetectorOutput`. Boxes (predicted and target) are normalized cxcywh relative to each image's own
+    unpadded extent, as in DETR, and fp32 under autocast. An image's output does not depend on the other
+    images of its batch (within float noise): the backbone runs per image on its unpadded crop and
+    everything after it masks padding (docs/method.md 1.1).
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -67,6 +73,7 @@ class Detector(nn.Module):
                 from sd_detr.sd_decoder import SDDetrDecoding
 
                 self.decoding = SDDetrDecoding(config)
+        init_transformer_weights([self.encoder, *self.decoding.transformer_modules()])
 
     def forward(self, images: Tensor, padding_mask: Tensor) -> DetectorOutput:
         """images [B, 3, H, W], padding_mask [B, H, W] bool (True = padded) -> :class:`DetectorOutput`."""
@@ -112,6 +119,27 @@ class Detector(nn.Module):
         if backbone:
             groups.append({"params": backbone, "lr": backbone_lr, "name": "backbone"})
         return groups
+
+
+def init_transformer_weights(modules: Iterable[nn.Module]) -> None:
+    """Official DETR / Conditional DETR initialisation of the transformer (docs/method.md 1.10).
+
+    Every parameter with more than one dimension in ``modules`` is drawn xavier_uniform (official
+    ``Transformer._reset_parameters``); the encoder self-attention's q, k, v weights as one packed [3d, d]
+    matrix with zero biases, and every attention output projection with a zero bias, as
+    ``nn.MultiheadAttention`` and Conditional DETR's decoder attention do. Other biases and the LayerNorms
+    keep PyTorch's defaults, as in the official code. The heads, the learned query embeddings, the input
+    projection and the backbone are not part of the transformer and keep their own initialisation.
+    """
+    for module in modules:
+        for parameter in module.parameters():
+            if parameter.dim() > 1:
+                nn.init.xavier_uniform_(parameter)
+        for sub in module.modules():
+            if isinstance(sub, EncoderSelfAttention):
+                sub.reset_parameters_as_packed()
+            elif isinstance(sub, (DecoderSelfAttention, ConditionalCrossAttention)):
+                nn.init.zeros_(sub.out_proj.bias)
 
 
 def build_detector(config: ModelConfig, seed: int | None = None) -> Detector:

@@ -1,4 +1,4 @@
-"""SD-DETR's divided decoder (DFL, DESIGN.md 1.4.2) and its query generation (TAQ on or off).
+"""SD-DETR's divided decoder (DFL, docs/method.md 2.1) and its query generation (TAQ on or off, 2.2).
 
 Every slot i carries a classification query c_i and a localization query l_i. Each layer runs one
 self-attention over the 2N tokens [c_1..c_N ; l_1..l_N], then cross-attention + FFN: one shared module
@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from sd_detr.box_ops import full_precision
 from sd_detr.config import ModelConfig, TransformerConfig
 from sd_detr.heads import DecoderOutput, PredictionHeads, check_memory
 from sd_detr.layers import MLP, DecoderCrossBlock, DecoderSelfAttentionBlock
@@ -104,9 +105,10 @@ class SDDecoder(nn.Module):
 class SDDetrDecoding(nn.Module):
     """SD-DETR after the encoder: slot queries (TAQ or learned pairs), divided decoder, task heads.
 
-    With TAQ the reference of each slot is its anchor box (4-d, detached) and the slot position embedding
-    is an MLP of the anchor's sine embedding; without TAQ each slot has a learned position embedding, a
-    reference point sigmoid(MLP(pos)) and learned classification and localization contents.
+    With TAQ the reference of each slot is its anchor box (4-d, detached; a learned box on fill slots of
+    images with fewer memory cells than slots) and the slot position embedding is an MLP of the reference's
+    sine embedding; without TAQ each slot has a learned position embedding, a reference point
+    sigmoid(MLP(pos)) and learned classification and localization contents. References are fp32.
     """
 
     def __init__(self, config: ModelConfig) -> None:
@@ -126,6 +128,13 @@ class SDDetrDecoding(nn.Module):
         self.decoder = SDDecoder(config.transformer, config.query_split)
         self.heads = PredictionHeads(d, config.num_classes, config.class_prior_prob)
 
+    def transformer_modules(self) -> list[nn.Module]:
+        """The modules initialised as transformer weights (xavier_uniform, docs/method.md 1.10): the decoder
+        (layers, query-scale MLPs), the reference-point / anchor-position MLP and TAQ's memory projection."""
+        if self.taq:
+            return [self.decoder, self.anchor_pos_head, *self.query_generator.transformer_modules()]
+        return [self.decoder, self.ref_point_head]
+
     def forward(
         self, memory: Tensor, memory_pos: Tensor, memory_padding_mask: Tensor, spatial_shape: tuple[int, int]
     ) -> DecoderOutput:
@@ -138,10 +147,15 @@ class SDDetrDecoding(nn.Module):
             cls, loc, reference = queries.cls_content, queries.loc_content, queries.anchors
             query_pos = self.anchor_pos_head(sine_embed_points(reference, d))
             encoder = queries.encoder
-            extras = {"cls_points": queries.cls_points, "loc_points": queries.loc_points}
+            extras = {
+                "cls_points": queries.cls_points,
+                "loc_points": queries.loc_points,
+                "is_anchor": queries.is_anchor,
+            }
         else:
             query_pos = self.query_pos.weight[None].repeat(batch, 1, 1)
-            reference = self.ref_point_head(query_pos).sigmoid()
+            with full_precision(memory.device):
+                reference = self.ref_point_head(query_pos.float()).sigmoid()
             cls = self.cls_content.weight[None].repeat(batch, 1, 1)
             loc = self.loc_content.weight[None].repeat(batch, 1, 1)
         cls_hidden, loc_hidden = self.decoder(cls, loc, query_pos, reference, memory, memory_pos, memory_padding_mask)

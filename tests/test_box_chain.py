@@ -53,3 +53,13 @@ def test_evaluator_without_detections_reports_zero() -> None:
     evaluator.update([1], [empty])
     stats = evaluator.summarize()
     assert len(stats) == 12 and stats["AP"] == 0.0
+
+
+def test_postprocess_returns_every_pair_when_fewer_than_top_k() -> None:
+    """N * C = 6 < 100: all six (slot, class) pairs, best first, boxes inside the image."""
+    logits = torch.tensor([[[0.0, 1.0, -1.0], [2.0, -2.0, 0.5]]])
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.9, 0.9, 0.4, 0.4]]])
+    (detections,) = postprocess(logits, boxes, torch.tensor([[32, 48]]))
+    assert detections["scores"].shape == (6,) and detections["boxes"].shape == (6, 4)
+    assert torch.allclose(detections["scores"], logits.flatten().sigmoid().sort(descending=True).values)
+    assert (detections["boxes"][:, 2] <= 48).all() and (detections["boxes"][:, 3] <= 32).all()

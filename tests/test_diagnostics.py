@@ -228,8 +228,10 @@ def test_single_head_map_reproduces_the_layer_output(spec: dict, streams: tuple[
 def test_hooks_are_removed_when_the_forward_pass_fails() -> None:
     model = _perturbed_model(variant="sd_detr", num_queries=40).train()
     images = torch.randn(1, 3, 64, 64)
-    with pytest.raises(ValueError, match="TAQ selects num_queries=40"):
-        decoder_cross_attention_maps(model, images, torch.zeros(1, 64, 64, dtype=torch.bool))
+    holed = torch.zeros(1, 64, 64, dtype=torch.bool)
+    holed[0, 10, 10] = True  # valid pixels not a top-left rectangle: the backbone refuses the batch
+    with pytest.raises(ValueError, match="not a top-left rectangle"):
+        decoder_cross_attention_maps(model, images, holed)
     assert _no_hooks_left(model) and model.training
 
 

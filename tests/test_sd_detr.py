@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sd_detr.config import DetectorConfig, LossConfig, MatcherConfig, ModelConfig, load_config
+from sd_detr.config import DetectorConfig, LossConfig, MatcherConfig, load_config
 from sd_detr.engine import build_criterion, build_optimizer, train_step
 from sd_detr.heads import Predictions
 from sd_detr.losses import SetCriterion
@@ -19,14 +19,14 @@ from tests.toy_data import toy_batch
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "variants"
 
 
-def small_model_config(**model: object) -> ModelConfig:
+def small_model_config(**model: object):
     spec = {
         "variant": "sd_detr", "num_classes": 3, "num_queries": 6, "backbone": {"name": "resnet18"},
         "transformer": {"d_model": 32, "num_heads": 4, "num_encoder_layers": 1, "num_decoder_layers": 3,
                         "ffn_dim": 64, "dropout": 0.0},
     }  # fmt: skip
     spec.update(model)
-    return ModelConfig.model_validate(spec)
+    return DetectorConfig.model_validate({"model": spec}).model
 
 
 # ---- TAQ ------------------------------------------------------------------------------------------------
@@ -67,7 +67,10 @@ def test_taq_points_inside_and_on_perimeter() -> None:
         .values
     )
     assert distance_to_edge.max() < 1e-6
-    assert not anchors.requires_grad and queries.encoder.boxes.requires_grad
+    assert queries.is_anchor.all() and queries.encoder.boxes.requires_grad
+    # anchors are detached: no gradient reaches the mini-detector through them
+    grads = torch.autograd.grad(anchors.sum(), list(generator.box_head.parameters()), allow_unused=True)
+    assert all(g is None or not g.any() for g in grads)
 
 
 def test_perimeter_points_are_side_midpoints_for_four() -> None:
@@ -90,11 +93,76 @@ def test_padded_memory_never_changes_the_queries() -> None:
     assert torch.allclose(first.loc_content, second.loc_content, atol=1e-6)
 
 
-def test_taq_asks_for_more_anchors_than_cells_fails_clearly() -> None:
-    model = build_detector(small_model_config(num_queries=40), seed=0)
-    images = torch.randn(1, 3, 64, 64)
-    with pytest.raises(ValueError, match="TAQ selects num_queries=40"):
-        model(images, torch.zeros(1, 64, 64, dtype=torch.bool))
+def test_taq_fills_slots_beyond_the_valid_cells_with_learned_queries() -> None:
+    """7 and 12 valid cells for 10 slots: each image's valid cells are its first anchors (best first), the
+    rest are fill slots with the learned pairs 0, 1, 2, ... and the learned boxes; the encoder output
+    marks exactly the anchors valid."""
+    torch.manual_seed(0)
+    generator = TaskAwareQueryGenerator(32, 3, num_queries=10, num_points=4, class_prior_prob=0.01).eval()
+    memory = torch.randn(2, 12, 32)
+    padding = torch.zeros(2, 3, 4, dtype=torch.bool)
+    padding[0, :, 2:] = True  # image 0: 3x2 = 6 valid cells
+    padding[0, 0, 2] = False  # not a rectangle, but TAQ only counts cells: 7 valid
+    with torch.no_grad():
+        queries = generator(memory, padding.flatten(1), (3, 4))
+    assert queries.is_anchor.sum(1).tolist() == [7, 10]
+    assert queries.is_anchor[0, :7].all() and not queries.is_anchor[0, 7:].any()
+    assert torch.equal(queries.encoder.valid, queries.is_anchor)
+    fills = torch.arange(3)
+    assert torch.equal(queries.cls_content[0, 7:], generator.fill_cls_content.weight[fills])
+    assert torch.equal(queries.loc_content[0, 7:], generator.fill_loc_content.weight[fills])
+    assert torch.allclose(queries.anchors[0, 7:], generator.fill_reference.weight[fills].sigmoid())
+    # anchors are valid cells only, best score first
+    scores = generator.class_head(generator.memory_norm(generator.memory_proj(memory))).max(-1).values
+    chosen = queries.encoder.logits[0, :7].max(-1).values
+    valid_scores = scores[0][~padding[0].flatten()]
+    assert torch.allclose(chosen, valid_scores.sort(descending=True).values, atol=1e-6)
+
+
+def test_taq_on_a_one_cell_map_and_a_map_smaller_than_the_slots() -> None:
+    torch.manual_seed(0)
+    generator = TaskAwareQueryGenerator(32, 3, num_queries=6, num_points=4, class_prior_prob=0.01)
+    memory = torch.randn(1, 1, 32, requires_grad=True)
+    queries = generator(memory, torch.zeros(1, 1, dtype=torch.bool), (1, 1))
+    assert queries.is_anchor.tolist() == [[True, False, False, False, False, False]]
+    assert queries.anchors.shape == (1, 6, 4) and torch.isfinite(queries.cls_content).all()
+    (queries.cls_content.sum() + queries.loc_content.sum() + queries.encoder.logits[:, :1].sum()).backward()
+    assert memory.grad is not None and memory.grad.abs().sum() > 0
+    assert generator.fill_cls_content.weight.grad[:5].abs().sum() > 0
+    assert not generator.fill_cls_content.weight.grad[5:].any()  # only 5 fill slots were used
+
+
+def test_invalid_slots_are_never_matched_and_get_no_loss() -> None:
+    """Encoder outputs carry a validity mask (TAQ fill slots): the matcher skips invalid slots even when
+    they would be perfect matches, and no term changes whatever they hold."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 3, generator=generator)
+    boxes = torch.cat([torch.rand(2, 5, 2, generator=generator) * 0.5 + 0.25, torch.full((2, 5, 2), 0.2)], -1)
+    valid = torch.tensor([[True, True, False, False, False], [True, True, False, False, False]])
+    targets = [
+        {"labels": torch.tensor([0, 1, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.6, 0.1, 0.3],
+                                                                 [0.5, 0.4, 0.3, 0.2]])},
+        {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])},
+    ]  # fmt: skip
+    for image, target in enumerate(targets):  # invalid slots 2.. predict the targets perfectly
+        count = len(target["labels"])
+        boxes[image, 2 : 2 + count] = target["boxes"]
+        logits[image, 2 + torch.arange(count), target["labels"]] = 10.0
+    config = LossConfig(aux_loss=False)
+    matcher = HungarianMatcher(MatcherConfig())
+    assignments = matcher(logits, boxes, targets, valid)
+    assert sorted(assignments[0][0].tolist()) == [0, 1]  # 2 valid slots for 3 targets: 2 matches
+    assert len(assignments[1][0]) == 1 and assignments[1][0].item() in (0, 1)
+    criterion = SetCriterion(matcher, config)
+    masked = criterion.output_terms(Predictions(logits, boxes, valid), targets, 4.0, with_alignment=True)
+    compact = criterion.output_terms(Predictions(logits[:, :2], boxes[:, :2]), targets, 4.0, with_alignment=True)
+    tampered_logits, tampered_boxes = logits.clone(), boxes.clone()
+    tampered_logits[:, 2:] = -3.0
+    tampered_boxes[:, 2:] = 0.9
+    tampered = criterion.output_terms(Predictions(tampered_logits, tampered_boxes, valid), targets, 4.0, True)
+    for name in ("class", "bbox", "giou", "align"):
+        assert torch.allclose(masked[name], compact[name], rtol=1e-6, atol=1e-8), name
+        assert torch.allclose(tampered[name], compact[name], rtol=1e-6, atol=1e-8), name
 
 
 # ---- TAL ------------------------------------------------------------------------------------------------
