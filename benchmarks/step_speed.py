@@ -90,15 +90,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def our_config(args: argparse.Namespace, variant: str, taq: bool) -> DetectorConfig:
     return DetectorConfig.model_validate({
         "model": {
-            "variant": variant, "taq": taq, "num_classes": args.classes, "num_queries": args.queries,
+            "variant": variant, "num_classes": args.classes, "num_queries": args.queries,
             "backbone": {"name": args.backbone},
             "transformer": {
                 "d_model": args.d_model, "num_heads": args.heads, "num_encoder_layers": args.layers,
                 "num_decoder_layers": args.layers, "ffn_dim": args.ffn_dim or 8 * args.d_model,
                 "dropout": args.dropout,
             },
-        },
-        "loss": {"align_loss_weight": 0.0 if variant == "conditional_detr" else 1.0},
+        } | ({"taq": taq} if variant == "sd_detr" else {}),  # the baseline has no TAQ switch
     })  # fmt: skip
 
 

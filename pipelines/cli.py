@@ -11,7 +11,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from sd_detr.config import load_config
+from sd_detr.config import error_location, load_config
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -28,10 +28,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, default: Path | None) 
 
 
 def format_validation_error(error: ValidationError) -> str:
-    """One line per invalid field: ``field.path: message (got value)``."""
+    """One line per invalid field: ``field.path: message (got value)`` (the ``model`` section's variant tag,
+    which pydantic puts into the location, is left out: ``model.taq``, not ``model.sd_detr.taq``)."""
     lines = []
     for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"]) or "(root)"
+        location = error_location(item["loc"]) or "(root)"
         value = item.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         lines.append(f"  {location}: {item['msg']}{shown}")

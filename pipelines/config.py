@@ -114,7 +114,8 @@ class TrainJobConfig(DetectorConfig):
         return self
 
     def with_absolute_paths(self) -> TrainJobConfig:
-        """A copy whose paths are absolute (Ray workers run in other directories)."""
+        """A copy whose paths (data, storage, tracking, backbone weights) are absolute (Ray workers run in other
+        directories)."""
         data = self.data.model_copy(
             update={
                 "train_dir": self.data.train_dir.resolve() if self.data.train_dir else None,
@@ -126,10 +127,14 @@ class TrainJobConfig(DetectorConfig):
         if "://" not in storage:
             storage = str(Path(storage).resolve())
         training = self.training.model_copy(update={"storage_path": storage})
+        model = self.model
+        if model.backbone.weights_path is not None:
+            weights = model.backbone.weights_path.expanduser().resolve()
+            model = model.model_copy(update={"backbone": model.backbone.model_copy(update={"weights_path": weights})})
         tracking = self.tracking.model_copy(
             update={
                 "tracking_uri": self.tracking.resolved_tracking_uri(),
                 "artifact_root": self.tracking.artifact_root.resolve(),
             }
         )
-        return self.model_copy(update={"data": data, "training": training, "tracking": tracking})
+        return self.model_copy(update={"model": model, "data": data, "training": training, "tracking": tracking})

@@ -1,10 +1,16 @@
 """Typed configuration of the detector: one pydantic tree, defaults in the fields, validated on load.
 
-The root :class:`DetectorConfig` holds the model (backbone, transformer, decoder variant with the SD-DETR
-switches), the matcher costs, the loss weights and the optimizer recipe. Defaults follow the paper's
-recipe (DESIGN.md 1.1 and 1.3). Configs load from YAML or JSON files and take ``key.path=value``
-overrides whose values are parsed as YAML scalars (``model.transformer.d_model=128``,
-``optimizer.lr_drop_epochs=[40]``). Unknown keys are errors, so a typo never silently keeps a default.
+The root :class:`DetectorConfig` holds the model (backbone, transformer, decoder variant), the matcher
+costs, the loss weights and the optimizer recipe. Defaults follow the paper's recipe (docs/method.md).
+Configs load from YAML or JSON files and take ``key.path=value`` overrides whose values are parsed as
+YAML scalars (``model.transformer.d_model=128``, ``optimizer.lr_drop_epochs=[40]``). Unknown keys are
+errors, so a typo never silently keeps a default.
+
+The ``model`` section is a union discriminated by ``model.variant`` (``sd_detr`` when absent): the SD-DETR
+switches (``query_split``, ``taq``, ``taq_num_points``) exist only in :class:`SDDetrModelConfig`, so a
+``conditional_detr`` baseline that carries one is an error, never a silently ignored value. Likewise the
+alignment loss weight defaults to 1.0 for ``sd_detr`` and to 0.0 for ``conditional_detr``, where a non-zero
+value is an error.
 """
 
 from __future__ import annotations
@@ -12,10 +18,21 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 
 class StrictModel(BaseModel):
@@ -25,7 +42,13 @@ class StrictModel(BaseModel):
 
 
 class BackboneConfig(StrictModel):
-    """ResNet backbone with frozen BatchNorm (torchvision)."""
+    """ResNet backbone (torchvision), with frozen BatchNorm for ImageNet weights or GroupNorm from scratch.
+
+    Where its weights come from is explicit: ``weights_path`` names a torchvision ResNet state_dict file
+    (``pretrained: true``, the default), or ``pretrained: false`` says the backbone starts from random
+    weights. A training job accepts nothing in between (``sd_detr.backbone_weights.require_backbone_init``);
+    a bare model built in code (tests, tools) may leave both unset and gets a random backbone.
+    """
 
     name: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = Field(
         "resnet50", description="torchvision ResNet depth."
@@ -42,11 +65,25 @@ class BackboneConfig(StrictModel):
         "c5", description="Output of layer4 (C5, stride 32) or layer3 (C4, stride 16; layer4 dropped)."
     )
     weights_path: Path | None = Field(
-        None, description="Optional local state_dict file of the torchvision ResNet (never downloaded)."
+        None,
+        description="Local state_dict file of the torchvision ResNet with torchvision's key names (.pth/.pt via "
+        "torch.load(weights_only=True), or .safetensors); never downloaded. Required by a training job unless "
+        "pretrained=false.",
+    )
+    pretrained: bool = Field(
+        True,
+        description="The backbone starts from the weights in weights_path. false = random initialisation, an "
+        "explicit choice that training warns about (ImageNet-statistics frozen BatchNorm on random weights is "
+        "meaningless; use norm=group_norm and trainable_layers=5 to train from scratch).",
     )
 
     @model_validator(mode="after")
-    def _dilation_needs_bottleneck(self) -> BackboneConfig:
+    def _consistent(self) -> BackboneConfig:
+        if not self.pretrained and self.weights_path is not None:
+            raise ValueError(
+                f"model.backbone.weights_path ({self.weights_path}) is set but model.backbone.pretrained=false: "
+                "remove one of the two (weights are either loaded or not)"
+            )
         if self.dilation and self.name in ("resnet18", "resnet34"):
             raise ValueError(f"backbone.dilation (DC5) needs resnet50/101; {self.name} has basic blocks")
         if self.dilation and self.feature_level == "c4":
@@ -75,16 +112,80 @@ class TransformerConfig(StrictModel):
         return self
 
 
-class ModelConfig(StrictModel):
-    """The detector: backbone, transformer, decoder variant and the SD-DETR switches (DESIGN.md 1.3)."""
+SD_DETR_FIELDS: dict[str, str] = {
+    "query_split": "the divided decoder (DFL)",
+    "taq": "task-aware query generation (TAQ)",
+    "taq_num_points": "TAQ's sampling points",
+}
+"""The ``model`` fields that exist only for ``variant: sd_detr``, and the SD-DETR part each one configures."""
 
-    variant: Literal["conditional_detr", "sd_detr"] = Field(
-        "sd_detr", description="Decoder: Conditional DETR baseline or SD-DETR's divided decoder."
+ModelVariant = Literal["conditional_detr", "sd_detr"]
+DEFAULT_VARIANT: ModelVariant = "sd_detr"
+
+
+def model_variant(data: Any) -> Any:
+    """The ``variant`` of a model section given as a mapping or a config object; ``sd_detr`` when absent
+    (the discriminator of :data:`ModelConfig`)."""
+    if isinstance(data, Mapping):
+        return data.get("variant", DEFAULT_VARIANT)
+    return getattr(data, "variant", DEFAULT_VARIANT)
+
+
+def _with_variant(data: Any, variant: str) -> Any:
+    """``data`` with ``variant`` filled in when absent, so that the variant always counts as explicitly set and
+    survives ``model_dump(exclude_unset=True)`` (a dump without it would come back as the default variant)."""
+    if isinstance(data, Mapping) and "variant" not in data:
+        return {**data, "variant": variant}
+    return data
+
+
+class ModelConfigBase(StrictModel):
+    """What both variants share: classes, slots, backbone, transformer sizes and the class-prior bias."""
+
+    variant: ModelVariant = Field(
+        DEFAULT_VARIANT, description="Decoder: Conditional DETR baseline or SD-DETR's divided decoder."
     )
     num_classes: int = Field(80, gt=0, description="Object classes (contiguous labels 0..C-1, no background).")
     num_queries: int = Field(300, gt=0, description="Object slots N.")
     backbone: BackboneConfig = Field(default_factory=BackboneConfig)
     transformer: TransformerConfig = Field(default_factory=TransformerConfig)
+    class_prior_prob: float = Field(
+        0.01, gt=0.0, lt=1.0, description="Initial sigmoid probability of every class (focal-loss bias init)."
+    )
+
+
+class ConditionalDetrModelConfig(ModelConfigBase):
+    """The Conditional DETR baseline: learned queries, one decoder stream, no SD-DETR part.
+
+    An SD-DETR field (:data:`SD_DETR_FIELDS`) in this section is an error, so a baseline never carries one
+    silently (e.g. from a base config file it is layered over).
+    """
+
+    variant: Literal["conditional_detr"] = Field(
+        "conditional_detr", description="Decoder: the Conditional DETR baseline."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_sd_detr_parts(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            present = [name for name in SD_DETR_FIELDS if name in data]
+            if present:
+                parts = "; ".join(f"model.{name} configures {SD_DETR_FIELDS[name]}" for name in present)
+                raise PydanticCustomError(
+                    "sd_detr_field",
+                    "{fields} set with model.variant=conditional_detr: {parts}, an SD-DETR part the "
+                    "Conditional DETR baseline does not have. Remove it (a base config must leave it unset) "
+                    "or use model.variant=sd_detr",
+                    {"fields": ", ".join(f"model.{name}" for name in present), "parts": parts},
+                )
+        return _with_variant(data, "conditional_detr")
+
+
+class SDDetrModelConfig(ModelConfigBase):
+    """SD-DETR (docs/method.md): the shared parts plus the divided decoder, TAQ and their switches."""
+
+    variant: Literal["sd_detr"] = Field("sd_detr", description="Decoder: SD-DETR's divided decoder.")
     query_split: int = Field(
         0,
         ge=0,
@@ -93,12 +194,14 @@ class ModelConfig(StrictModel):
     )
     taq: bool = Field(True, description="SD-DETR: task-aware query generation (False = learned query pairs).")
     taq_num_points: int = Field(4, gt=0, description="SD-DETR TAQ: sampling points M per anchor box and task.")
-    class_prior_prob: float = Field(
-        0.01, gt=0.0, lt=1.0, description="Initial sigmoid probability of every class (focal-loss bias init)."
-    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _explicit_variant(cls, data: Any) -> Any:
+        return _with_variant(data, "sd_detr")
 
     @model_validator(mode="after")
-    def _query_split_in_range(self) -> ModelConfig:
+    def _query_split_in_range(self) -> SDDetrModelConfig:
         layers = self.transformer.num_decoder_layers
         if not 0 <= self.query_split <= layers:
             raise ValueError(
@@ -107,8 +210,23 @@ class ModelConfig(StrictModel):
         return self
 
 
+ModelConfig = Annotated[
+    Annotated[SDDetrModelConfig, Tag("sd_detr")] | Annotated[ConditionalDetrModelConfig, Tag("conditional_detr")],
+    Discriminator(model_variant),
+]
+"""The ``model`` section: :class:`SDDetrModelConfig` or :class:`ConditionalDetrModelConfig`, chosen by
+``variant`` (``sd_detr`` when absent). Validate a bare section with :func:`parse_model_config`."""
+
+_MODEL_ADAPTER: TypeAdapter[SDDetrModelConfig | ConditionalDetrModelConfig] = TypeAdapter(ModelConfig)
+
+
+def parse_model_config(data: Any) -> SDDetrModelConfig | ConditionalDetrModelConfig:
+    """Validate a ``model`` section (mapping or config object) into the config class of its variant."""
+    return _MODEL_ADAPTER.validate_python(data)
+
+
 class MatcherConfig(StrictModel):
-    """Hungarian matching cost weights (DESIGN.md 1.1)."""
+    """Hungarian matching cost weights (docs/method.md)."""
 
     class_cost: float = Field(2.0, ge=0.0, description="Weight of the focal classification cost.")
     bbox_cost: float = Field(5.0, ge=0.0, description="Weight of the L1 cost on normalized cxcywh boxes.")
@@ -133,7 +251,10 @@ class LossConfig(StrictModel):
     focal_gamma: float = Field(2.0, ge=0.0, description="Focal loss gamma.")
     aux_loss: bool = Field(True, description="Apply the losses to every decoder layer's output.")
     align_loss_weight: float = Field(
-        1.0, ge=0.0, description="SD-DETR: weight of the alignment loss (0 removes the term exactly)."
+        1.0,
+        ge=0.0,
+        description="SD-DETR: weight of the alignment loss (0 removes the term exactly). Within a DetectorConfig "
+        "the default is 1.0 for model.variant=sd_detr and 0.0 for conditional_detr, where non-zero is an error.",
     )
     align_alpha: float = Field(0.25, ge=0.0, description="Alignment target t = s^alpha * u^beta: alpha.")
     align_beta: float = Field(0.75, ge=0.0, description="Alignment target t = s^alpha * u^beta: beta.")
@@ -141,7 +262,7 @@ class LossConfig(StrictModel):
 
 
 class OptimizerConfig(StrictModel):
-    """AdamW recipe with a step learning-rate drop (DESIGN.md 1.1)."""
+    """AdamW recipe with a step learning-rate drop (docs/method.md)."""
 
     lr: float = Field(1e-4, gt=0.0, description="Learning rate of the transformer and heads.")
     backbone_lr: float = Field(1e-5, ge=0.0, description="Learning rate of the backbone.")
@@ -163,10 +284,28 @@ class OptimizerConfig(StrictModel):
 class DetectorConfig(StrictModel):
     """Everything that defines the detector and how it learns (no data, cluster or tracking settings)."""
 
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    model: ModelConfig = Field(default_factory=SDDetrModelConfig)
     matcher: MatcherConfig = Field(default_factory=MatcherConfig)
-    loss: LossConfig = Field(default_factory=LossConfig)
+    loss: LossConfig = Field(default_factory=LossConfig, validate_default=True)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+
+    @field_validator("loss")
+    @classmethod
+    def _alignment_only_for_sd_detr(cls, loss: LossConfig, info: ValidationInfo) -> LossConfig:
+        """The baseline has no alignment loss: its weight defaults to 0.0 there and a non-zero one is an error.
+        (Runs after ``model``, the field declared before it; skipped when ``model`` itself is invalid.)"""
+        model = info.data.get("model")
+        if model is None or model.variant != "conditional_detr":
+            return loss
+        if "align_loss_weight" not in loss.model_fields_set:
+            return loss.model_copy(update={"align_loss_weight": 0.0})
+        if loss.align_loss_weight != 0.0:
+            raise ValueError(
+                f"loss.align_loss_weight={loss.align_loss_weight:g} with model.variant=conditional_detr: the "
+                "alignment loss is an SD-DETR part (TAL) the Conditional DETR baseline does not have; leave it "
+                "unset (0.0 for the baseline) or use model.variant=sd_detr"
+            )
+        return loss
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
@@ -239,6 +378,17 @@ def load_config(
     for path in paths:
         data = deep_merge(data, read_config_file(path))
     return cls.model_validate(apply_overrides(data, overrides))
+
+
+def error_location(loc: Sequence[int | str]) -> str:
+    """The dotted field path of a pydantic error location, without the union tag that validation of the
+    ``model`` section inserts (``("model", "sd_detr", "taq")`` -> ``"model.taq"``)."""
+    parts = [str(part) for part in loc]
+    for index in range(len(parts) - 1):
+        if parts[index] == "model" and parts[index + 1] in ("sd_detr", "conditional_detr"):
+            del parts[index + 1]
+            break
+    return ".".join(parts)
 
 
 def flatten_config(config: BaseModel) -> dict[str, str]:

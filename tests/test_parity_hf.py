@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sd_detr.config import LossConfig, MatcherConfig, ModelConfig
+from sd_detr.config import ConditionalDetrModelConfig, LossConfig, MatcherConfig, ModelConfig
 from sd_detr.heads import Predictions
 from sd_detr.losses import SetCriterion
 from sd_detr.matcher import HungarianMatcher
@@ -31,8 +31,7 @@ CONFIGS = [
 
 
 def _model_config(spec: dict) -> ModelConfig:
-    return ModelConfig(
-        variant="conditional_detr",
+    return ConditionalDetrModelConfig(
         num_classes=5,
         num_queries=spec["queries"],
         backbone={"name": "resnet18"},

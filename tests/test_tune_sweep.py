@@ -56,6 +56,30 @@ def test_invalid_sweep_config_exits_before_ray_starts(override: str, message: st
     assert not storage.exists()
 
 
+def test_sweep_of_a_baseline_config_exits_before_ray_starts(tmp_path, capsys) -> None:
+    """The search space is SD-DETR's: a conditional_detr trial config is refused up front, naming the variant."""
+    storage = tmp_path / "ray_results"
+    baseline = ["--config", str(REPO / "configs" / "variants" / "conditional_detr.yaml")]
+    with pytest.raises(SystemExit) as stop:
+        main([*CONFIG_ARGS, *baseline, "--set", f"training.storage_path={storage}"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "model.variant=conditional_detr" in err and "loss.align_loss_weight" in err and "model.query_split" in err
+    assert not storage.exists()
+
+
+def test_sweep_of_the_paper_config_without_weights_exits_before_ray_starts(tmp_path, capsys) -> None:
+    import ray
+
+    storage = tmp_path / "ray_results"
+    paper = ["--config", str(REPO / "configs" / "coco_r50.yaml"), "--config", str(REPO / "tune" / "sweep.yaml")]
+    with pytest.raises(SystemExit) as stop:
+        main([*paper, "--set", f"training.storage_path={storage}", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"])  # fmt: skip
+    assert stop.value.code == 2
+    assert "model.backbone.weights_path" in capsys.readouterr().err
+    assert not storage.exists() and not (tmp_path / "m.db").exists() and not ray.is_initialized()
+
+
 def test_search_space_grid_and_random() -> None:
     grid = _sweep_config(["sweep.align_loss_weight.values=[0.5, 2.0]", "sweep.query_split={kind: range, low: 0, high: 2}",
                           "sweep.extra={optimizer.lr: [1.0e-4, 4.0e-4]}"])  # fmt: skip

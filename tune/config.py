@@ -3,7 +3,7 @@ search kind, ASHA, concurrency, storage). Pure pydantic, validated before Ray st
 can give is checked against the trial model (e.g. a ``query_split`` beyond the decoder depth is an error
 naming ``sweep.query_split``).
 
-The two SD-DETR knobs (DESIGN.md 1.3) map to config paths:
+The two SD-DETR knobs (docs/method.md) map to config paths:
 ``sweep.align_loss_weight`` -> ``loss.align_loss_weight`` and ``sweep.query_split`` -> ``model.query_split``.
 ``sweep.extra`` adds grid keys given as dotted config paths (``optimizer.lr: [1e-4, 4e-4]``).
 """
@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from pipelines.config import RUN_NAME_PATTERN, TrainJobConfig
-from sd_detr.config import StrictModel, apply_overrides
+from sd_detr.config import StrictModel, apply_overrides, error_location
 
 ALIGN_PATH = "loss.align_loss_weight"
 SPLIT_PATH = "model.query_split"
@@ -162,6 +162,12 @@ class SweepConfig(TrainJobConfig):
 
     @model_validator(mode="after")
     def _trials_valid(self) -> SweepConfig:
+        if self.model.variant != "sd_detr":
+            raise ValueError(
+                f"the sweep searches SD-DETR's loss.align_loss_weight and model.query_split, which "
+                f"model.variant={self.model.variant} does not have: sweep an sd_detr config (leave model.variant "
+                "unset or sd_detr; do not layer configs/variants/conditional_detr.yaml)"
+            )
         layers = self.model.transformer.num_decoder_layers
         bad = [v for v in self.sweep.query_split.candidates() if not 0 <= v <= layers]
         if bad:
@@ -240,5 +246,5 @@ def build_trial_config(base: dict[str, Any], params: dict[str, Any], run_name: s
 def _first_error(error: Exception) -> str:
     if isinstance(error, ValidationError):
         item = error.errors()[0]
-        return f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}"
+        return f"{error_location(item['loc'])}: {item['msg']}"
     return str(error)

@@ -45,6 +45,7 @@ from pipelines.tracking import (
 from pipelines.training import (
     ClusterTooSmallError,
     PreparedRun,
+    check_backbone_init,
     check_cluster_fits,
     ensure_ray,
     register_checkpoint,
@@ -254,6 +255,7 @@ def run_sweep(cfg: SweepConfig) -> SweepOutcome:
     """Run (or resume) the sweep of ``cfg`` to the end: trials, MLflow parent/child runs, summary, registered
     best model, best config file."""
     started = time.perf_counter()
+    check_backbone_init(cfg)  # before tracking, data and Ray: the trials share the backbone's weights
     given, cfg = cfg, cfg.with_absolute_paths()
     uri = cfg.tracking.tracking_uri
     check_reachable(uri)
