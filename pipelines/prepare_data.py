@@ -1,12 +1,15 @@
 """Prepare detection data as Parquet shards.
 
     python pipelines/prepare_data.py coco --annotations A.json --images DIR --out DIR \
-        [--shard-size-mb 256] [--strict] [--overwrite]
+        [--shard-size-mb 256] [--min-kept-fraction 0.5] [--strict] [--overwrite]
     python pipelines/prepare_data.py synthetic [--out data/synthetic] [--seed 0 --num-train N --num-val N]
         [--overwrite]
 
-Exit codes: 0 done; 1 `--strict` found problems (report printed and saved); 2 invalid arguments or paths,
-or an output directory that already holds data.
+Exit codes: 0 done; 1 nothing written because of the data: `--strict` found problems, or no image / fewer
+than `--min-kept-fraction` of the json's images could be kept (report printed and saved beside `--out`, with
+a hint naming the first missing files and the folder searched); 2 invalid arguments or paths, an output
+directory that already holds data, or another conversion into the same `--out` still running (its pid and
+host are named).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from sd_detr.data.builtin import default_synthetic_root, ensure_synthetic_dataset
-from sd_detr.data.coco import CocoFormatError, StrictValidationError, convert_coco_to_shards
+from sd_detr.data.coco import CocoFormatError, StrictValidationError, TooFewImagesError, convert_coco_to_shards
 from sd_detr.data.config import ConvertConfig, SyntheticConfig
-from sd_detr.data.meta import VALIDATION_FILENAME, load_meta
+from sd_detr.data.lock import LockHeldError
+from sd_detr.data.meta import GROUND_TRUTH_FILENAME, VALIDATION_FILENAME, load_meta
 
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
@@ -34,8 +38,14 @@ def _parser() -> argparse.ArgumentParser:
     coco = commands.add_parser("coco", help="COCO instances json + image folder -> Parquet shards")
     coco.add_argument("--annotations", type=Path, required=True, help="COCO instances json")
     coco.add_argument("--images", type=Path, required=True, help="folder the json's file_names are relative to")
-    coco.add_argument("--out", type=Path, required=True, help="output shard directory")
+    coco.add_argument("--out", type=Path, required=True, help="output shard directory (parents are created)")
     coco.add_argument("--shard-size-mb", type=float, dest="shard_size_mb", help="target shard size (default 256)")
+    coco.add_argument(
+        "--min-kept-fraction",
+        type=float,
+        dest="min_kept_fraction",
+        help="exit 1, writing nothing, when fewer than this share of the json's images is kept (default 0.5)",
+    )
     coco.add_argument("--strict", action="store_true", default=None, help="exit 1 on any repaired/skipped record")
     coco.add_argument("--overwrite", action="store_true", default=None, help="replace an existing shard directory")
     synthetic = commands.add_parser("synthetic", help="generate the built-in synthetic dataset (+ shards)")
@@ -57,9 +67,14 @@ def _one_line(error: ValidationError) -> str:
 
 
 def _run_coco(args: argparse.Namespace) -> int:
-    cfg = _config(ConvertConfig, args, ["annotations", "images", "out", "shard_size_mb", "strict", "overwrite"])
+    fields = ["annotations", "images", "out", "shard_size_mb", "min_kept_fraction", "strict", "overwrite"]
+    cfg = _config(ConvertConfig, args, fields)
     try:
         result = convert_coco_to_shards(cfg)
+    except TooFewImagesError as error:
+        print(error.report.format())
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_PROBLEMS
     except StrictValidationError as error:
         print(error.report.format())
         print(
@@ -69,7 +84,8 @@ def _run_coco(args: argparse.Namespace) -> int:
     print(result.report.format())
     print(
         f"wrote {result.meta.counts.images} images, {result.meta.counts.annotations} annotations in "
-        f"{result.meta.counts.shards} shard(s) to {result.out_dir}; report: {result.out_dir / VALIDATION_FILENAME}"
+        f"{result.meta.counts.shards} shard(s) to {result.out_dir}; report: {result.out_dir / VALIDATION_FILENAME}; "
+        f"evaluation ground truth: {result.out_dir / GROUND_TRUTH_FILENAME}"
     )
     return 0
 
@@ -82,7 +98,7 @@ def _run_synthetic(args: argparse.Namespace) -> int:
         print(
             f"{split}: {counts.images} images, {counts.annotations} annotations, {counts.shards} shard(s) in {root / split}"
         )
-    print(f"COCO ground truth: {root / 'annotations'}")
+    print(f"COCO ground truth (what evaluation reads): {root / 'val' / GROUND_TRUTH_FILENAME}")
     return 0
 
 
@@ -94,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_coco(args) if args.command == "coco" else _run_synthetic(args)
     except ValidationError as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)
-    except (FileExistsError, CocoFormatError, UnicodeDecodeError) as error:
+    except (FileExistsError, CocoFormatError, UnicodeDecodeError, LockHeldError, NotADirectoryError) as error:
         print(f"error: {error}", file=sys.stderr)
     return EXIT_USAGE
 

@@ -199,6 +199,7 @@ EXPECTED_COUNTS = {
     Issue.ANNOTATION_OF_SKIPPED_IMAGE: 3,  # 1 of the missing image, 2 of the garbage one
     Issue.INVALID_ANNOTATION_RECORD: 1,
     Issue.CROWD_ANNOTATION: 1,
+    Issue.ISCROWD_MISSING: 2,  # kept annotations 1 and 4 (counted for kept images only)
 }
 
 
@@ -207,11 +208,11 @@ def test_bad_input_report_counts_and_repairs(write_coco, tmp_path: Path, caplog:
     json_path, image_dir = write_coco(images, annotations, CATEGORIES)
     out = tmp_path / "shards"
     with caplog.at_level(logging.WARNING):
-        cfg = ConvertConfig(annotations=json_path, images=image_dir, out=out, progress=False)
+        cfg = ConvertConfig(annotations=json_path, images=image_dir, out=out, progress=False, min_kept_fraction=0.2)
         result = convert_coco_to_shards(cfg)
     report = result.report
     assert {Issue(k): v for k, v in report.counts.items()} == EXPECTED_COUNTS
-    assert report.num_problems == sum(EXPECTED_COUNTS.values()) - 1  # crowd is kept, not a problem
+    assert report.num_problems == sum(EXPECTED_COUNTS.values()) - 3  # crowd and filled iscrowd: not problems
     assert report.examples[Issue.BOX_NON_POSITIVE_SIZE.value] == [2, 3, 13]
     assert report.examples[Issue.CORRUPT_IMAGE.value] == [3, 4, 8]
     assert report.examples[Issue.ANNOTATION_OF_SKIPPED_IMAGE.value] == [2, 3]  # image ids
@@ -243,13 +244,15 @@ def test_strict_mode_fails_with_the_report(write_coco, tmp_path: Path) -> None:
     out = tmp_path / "shards"
     with pytest.raises(StrictValidationError) as raised:
         convert_coco_to_shards(
-            ConvertConfig(annotations=json_path, images=image_dir, out=out, strict=True, progress=False)
+            ConvertConfig(
+                annotations=json_path, images=image_dir, out=out, strict=True, progress=False, min_kept_fraction=0.0
+            )
         )
     assert raised.value.report.count(Issue.CORRUPT_IMAGE) == 3
     assert not out.exists()
 
     command = [sys.executable, "pipelines/prepare_data.py", "coco", "--annotations", str(json_path)]
-    command += ["--images", str(image_dir), "--out", str(out), "--strict"]
+    command += ["--images", str(image_dir), "--out", str(out), "--strict", "--min-kept-fraction", "0"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
     assert "validation report" in result.stdout and "missing_image_file" in result.stdout

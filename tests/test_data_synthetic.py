@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from pycocotools.coco import COCO
 
 from pipelines.prepare_data import main as prepare_main
 from sd_detr.data.builtin import SyntheticDatasetMismatchError, ensure_synthetic_dataset
 from sd_detr.data.config import SyntheticConfig
-from sd_detr.data.meta import META_FILENAME, load_meta
+from sd_detr.data.meta import GROUND_TRUTH_FILENAME, META_FILENAME, load_ground_truth, load_meta
 from sd_detr.data.shards import iter_row_groups, read_row_group
 from sd_detr.data.synthetic import CATEGORIES, generate_split
+from sd_detr.evaluation import coco_from_dict
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -77,7 +77,7 @@ def test_ensure_synthetic_dataset_is_complete_and_idempotent(synthetic_root: Pat
     assert (train.counts.images, val.counts.images) == (12, 6)
     assert train.counts.shards >= 2 and train.source == "synthetic" and train.generator_config["seed"] == 7
     assert [c.id for c in val.categories] == [1, 3, 4, 7, 9]
-    ground_truth = COCO(str(val.annotation_path(synthetic_root / "val")))
+    ground_truth = coco_from_dict(load_ground_truth(synthetic_root / "val"))
     shard_ids = sorted(
         row["image_id"]
         for path, group in iter_row_groups(val.shard_paths(synthetic_root / "val"))
@@ -85,8 +85,13 @@ def test_ensure_synthetic_dataset_is_complete_and_idempotent(synthetic_root: Pat
     )
     assert shard_ids == sorted(ground_truth.getImgIds())
     assert val.counts.annotations == len(ground_truth.getAnnIds())
-    train_json = json.loads(train.annotation_path(synthetic_root / "train").read_text())
-    assert not set(shard_ids) & {image["id"] for image in train_json["images"]}  # disjoint splits
+    source_json = json.loads(val.annotation_path(synthetic_root / "val").read_text())  # the generated source
+    assert ground_truth.dataset["annotations"] == [
+        {k: a[k] for k in ("id", "image_id", "category_id", "bbox", "area", "iscrowd")}
+        for a in source_json["annotations"]
+    ]  # clean generated data: the ground truth is the source, less nothing
+    train_ids = {image["id"] for image in load_ground_truth(synthetic_root / "train")["images"]}
+    assert len(train_ids) == 12 and not set(shard_ids) & train_ids  # disjoint splits
 
     meta_file = synthetic_root / "train" / META_FILENAME
     stamp = meta_file.stat().st_mtime_ns
@@ -102,5 +107,6 @@ def test_synthetic_cli_generates_train_and_val(tmp_path: Path, capsys: pytest.Ca
     assert prepare_main(["synthetic", "--out", str(out), "--seed", "1", "--num-train", "3", "--num-val", "2"]) == 0
     assert load_meta(out / "train").counts.images == 3 and load_meta(out / "val").counts.images == 2
     assert (out / "annotations" / "instances_val.json").is_file()
+    assert (out / "val" / GROUND_TRUTH_FILENAME).is_file() and (out / "train" / GROUND_TRUTH_FILENAME).is_file()
     assert "val: 2 images" in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic"]  # no staging directory left

@@ -5,7 +5,7 @@ from sd_detr.data.coco import convert_coco_to_shards
 from sd_detr.data.collate import DetectionBatch, pad_and_collate
 from sd_detr.data.config import AugmentationConfig, ConvertConfig, LoaderConfig, SyntheticConfig
 from sd_detr.data.dataset import ShardDataset, build_dataloader
-from sd_detr.data.meta import DatasetMeta, load_meta
+from sd_detr.data.meta import DatasetMeta, GroundTruthNotFoundError, ground_truth_path, load_ground_truth, load_meta
 from sd_detr.data.transforms import build_eval_transform, build_train_transform
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "ConvertConfig",
     "DatasetMeta",
     "DetectionBatch",
+    "GroundTruthNotFoundError",
     "LoaderConfig",
     "ShardDataset",
     "SyntheticConfig",
@@ -22,6 +23,8 @@ __all__ = [
     "convert_coco_to_shards",
     "default_synthetic_root",
     "ensure_synthetic_dataset",
+    "ground_truth_path",
+    "load_ground_truth",
     "load_meta",
     "pad_and_collate",
 ]

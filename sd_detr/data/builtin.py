@@ -1,9 +1,10 @@
 """The embedded default dataset on disk: synthetic COCO json + images, converted to train/val shards.
 
 Layout of `root` (default `<repo>/data/synthetic`):
-    annotations/instances_{train,val}.json   COCO ground truth (the val file is what COCO eval reads)
-    images/{train,val}/*.png
-    train/, val/                             Parquet shards + _meta.json + _validation.json
+    annotations/instances_{train,val}.json   the generated COCO jsons (the converter's source)
+    images/{train,val}/*.png                 the generated images (the converter's source)
+    train/, val/                             Parquet shards + _ground_truth.json (what COCO eval reads)
+                                             + _validation.json + _meta.json
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from pathlib import Path
 
 from sd_detr.data.coco import convert_coco_to_shards
 from sd_detr.data.config import ConvertConfig, SyntheticConfig
-from sd_detr.data.meta import META_FILENAME, MetaNotFoundError, load_meta, write_meta
+from sd_detr.data.meta import (
+    META_FILENAME,
+    SCHEMA_VERSION,
+    MetaNotFoundError,
+    ground_truth_path,
+    load_meta,
+    write_meta,
+)
 from sd_detr.data.synthetic import SPLITS, generate_split
 
 logger = logging.getLogger(__name__)
@@ -36,13 +44,18 @@ def default_synthetic_root() -> Path:
 
 
 def _existing_config(root: Path) -> dict | None:
-    """The generator config recorded in both split metas, or None when the dataset is incomplete."""
+    """The generator config recorded in both split metas, or None when the dataset is incomplete or was
+    written by an older shard schema (e.g. without `_ground_truth.json`): such a dataset is regenerated."""
     configs = []
     for split in SPLITS:
         try:
-            configs.append(load_meta(root / split).generator_config)
+            meta = load_meta(root / split)
         except MetaNotFoundError:
             return None
+        if meta.schema_version < SCHEMA_VERSION or not ground_truth_path(root / split).is_file():
+            logger.info("%s predates shard schema version %d: it will be regenerated", root / split, SCHEMA_VERSION)
+            return None
+        configs.append(meta.generator_config)
     return configs[0] if all(c == configs[0] for c in configs) else {}
 
 

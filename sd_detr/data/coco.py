@@ -2,16 +2,18 @@
 
 Streaming: the json is loaded once (annotation records only; segmentations are dropped as soon as they are
 indexed), images are read and verified by a few threads through a bounded window, rows are written a row
-group at a time. Atomic: everything goes to a hidden temporary directory beside `out`, `_meta.json` is
-written last and the directory is renamed into place, so an interrupted run leaves no directory that
-looks complete. See `sd_detr.data.validation` for what is repaired, skipped or flagged.
+group at a time, and the cleaned COCO ground truth of the kept rows is streamed to `_ground_truth.json`.
+Atomic: everything goes to a hidden temporary directory beside `out`, `_meta.json` is written last and the
+directory is renamed into place, so an interrupted run leaves no directory that looks complete. One
+conversion per `out` at a time (`sd_detr.data.lock`). A conversion that keeps no image, or fewer than
+`min_kept_fraction` of them, writes nothing and says where the images were looked for. See
+`sd_detr.data.validation` for what is repaired, skipped, filled in or flagged.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import uuid
@@ -25,30 +27,26 @@ from typing import Any
 from tqdm import tqdm
 
 from sd_detr.data.config import ConvertConfig
+from sd_detr.data.ground_truth import GroundTruthWriter
+from sd_detr.data.lock import exclusive_lock
 from sd_detr.data.meta import (
     META_FILENAME,
     VALIDATION_FILENAME,
-    Category,
     DatasetCounts,
     DatasetMeta,
     write_json_atomic,
     write_meta,
 )
-from sd_detr.data.samples import CorruptImageError, decode_image
+from sd_detr.data.records import Annotation, CocoFormatError, index_annotations, parse_categories, valid_images
+from sd_detr.data.samples import CorruptImageError, decode_image, exif_orientation
 from sd_detr.data.shards import ShardWriter
 from sd_detr.data.validation import Issue, ValidationReport
 
 logger = logging.getLogger(__name__)
 
-_CLIP_TOLERANCE_PX = 1e-3
-
 
 class DatasetExistsError(FileExistsError):
     """The output directory already holds data and `overwrite` is off."""
-
-
-class CocoFormatError(ValueError):
-    """The annotation file is not a COCO instances json (wrong top-level structure or categories)."""
 
 
 class StrictValidationError(RuntimeError):
@@ -56,6 +54,18 @@ class StrictValidationError(RuntimeError):
 
     def __init__(self, report: ValidationReport, report_path: Path) -> None:
         super().__init__(f"{report.num_problems} problem(s) in strict mode; report: {report_path}")
+        self.report = report
+        self.report_path = report_path
+
+
+class TooFewImagesError(RuntimeError):
+    """The conversion kept no image, or fewer than `min_kept_fraction` of the json's; nothing was written.
+
+    The message says how many were kept, which files were missing and where they were looked for.
+    """
+
+    def __init__(self, report: ValidationReport, report_path: Path, hint: str) -> None:
+        super().__init__(f"{hint} Nothing was written; report: {report_path}")
         self.report = report
         self.report_path = report_path
 
@@ -70,15 +80,10 @@ class ConversionResult:
 
 
 @dataclass
-class _Annotation:
-    box: tuple[float, float, float, float]
-    category_id: int
-    iscrowd: int
-    area: float
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+class _WriteResult:
+    shard_files: list[str]
+    num_crowd: int
+    missing_files: list[str]  # the first few file names that were not found
 
 
 def _stored_path(path: Path, out_dir: Path) -> str:
@@ -100,104 +105,6 @@ def _load_coco(path: Path) -> dict[str, Any]:
     if not isinstance(coco.get("annotations", []), list):
         raise CocoFormatError(f"{path}: 'annotations' must be a list")
     return coco
-
-
-def _parse_categories(records: list[dict[str, Any]]) -> list[Category]:
-    try:
-        categories = [
-            Category(id=int(c["id"]), name=str(c["name"]), supercategory=str(c.get("supercategory") or ""))
-            for c in records
-        ]
-    except (KeyError, TypeError, ValueError) as error:
-        raise CocoFormatError(f"invalid category record: {error}") from error
-    ids = [c.id for c in categories]
-    if len(set(ids)) != len(ids):
-        raise CocoFormatError(f"duplicate category ids in the annotation file: {sorted(ids)}")
-    return sorted(categories, key=lambda c: c.id)
-
-
-def _valid_images(records: list[dict[str, Any]], report: ValidationReport) -> list[dict[str, Any]]:
-    """Image records with a usable id, file name and size; duplicates after the first are skipped."""
-    seen: set[int] = set()
-    images = []
-    for record in records:
-        image_id = record.get("id") if isinstance(record, dict) else None
-        ok = (
-            _is_int(image_id)
-            and isinstance(record.get("file_name"), str)
-            and record["file_name"] != ""
-            and _is_int(record.get("width"))
-            and _is_int(record.get("height"))
-            and record["width"] > 0
-            and record["height"] > 0
-        )
-        if not ok:
-            report.add(Issue.INVALID_IMAGE_RECORD, image_id)
-        elif image_id in seen:
-            report.add(Issue.DUPLICATE_IMAGE_ID, image_id)
-        else:
-            seen.add(image_id)
-            images.append(record)
-    return images
-
-
-def _clean_annotation(record: dict[str, Any], size: tuple[int, int], report: ValidationReport) -> _Annotation | None:
-    """Validate and clip one annotation whose image and category are known. `size` = (width, height)."""
-    ann_id = record.get("id")
-    x, y, w, h = (float(v) for v in record["bbox"])
-    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-        report.add(Issue.BOX_NON_POSITIVE_SIZE, ann_id)
-        return None
-    width, height = size
-    x0, y0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
-    x1, y1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
-    if x1 - x0 <= 0 or y1 - y0 <= 0:
-        report.add(Issue.BOX_OUTSIDE_IMAGE, ann_id)
-        return None
-    box = (x, y, w, h)  # within float noise of the image: the original numbers are kept exactly
-    if max(abs(x0 - x), abs(y0 - y), abs(x1 - x - w), abs(y1 - y - h)) > _CLIP_TOLERANCE_PX:
-        report.add(Issue.BOX_CLIPPED, ann_id)
-        box = (x0, y0, x1 - x0, y1 - y0)
-    iscrowd = 1 if record.get("iscrowd") else 0
-    if iscrowd:
-        report.add(Issue.CROWD_ANNOTATION, ann_id)
-    area = record.get("area")
-    valid_area = isinstance(area, int | float) and not isinstance(area, bool) and math.isfinite(area) and area > 0
-    return _Annotation(box, int(record["category_id"]), iscrowd, float(area) if valid_area else box[2] * box[3])
-
-
-def _index_annotations(
-    records: list[dict[str, Any]],
-    images: dict[int, dict[str, Any]],
-    category_ids: set[int],
-    report: ValidationReport,
-) -> dict[int, list[_Annotation]]:
-    by_image: dict[int, list[_Annotation]] = {}
-    for record in records:
-        if not isinstance(record, dict):
-            report.add(Issue.INVALID_ANNOTATION_RECORD, None)
-            continue
-        bbox = record.get("bbox")
-        if not (
-            _is_int(record.get("image_id"))
-            and _is_int(record.get("category_id"))
-            and isinstance(bbox, list | tuple)
-            and len(bbox) == 4
-            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in bbox)
-        ):
-            report.add(Issue.INVALID_ANNOTATION_RECORD, record.get("id"))
-            continue
-        image = images.get(record["image_id"])
-        if image is None:
-            report.add(Issue.ANNOTATION_UNKNOWN_IMAGE, record.get("id"))
-            continue
-        if record["category_id"] not in category_ids:
-            report.add(Issue.UNKNOWN_CATEGORY, record.get("id"))
-            continue
-        annotation = _clean_annotation(record, (image["width"], image["height"]), report)
-        if annotation is not None:
-            by_image.setdefault(record["image_id"], []).append(annotation)
-    return by_image
 
 
 def _load_image(path: Path, verify: bool) -> tuple[bytes | None, Issue | None, tuple[int, int] | None, str]:
@@ -249,51 +156,93 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def lock_path(out: Path) -> Path:
+    """The lock file of conversions into `out`: `.<name>.lock` beside it (removed when a conversion ends)."""
+    out = Path(out).resolve()
+    return out.parent / f".{out.name}.lock"
+
+
 def convert_coco_to_shards(cfg: ConvertConfig) -> ConversionResult:
-    """Convert a COCO-format dataset to Parquet shards in `cfg.out` (see module docstring).
+    """Convert a COCO-format dataset to Parquet shards + `_ground_truth.json` in `cfg.out` (module docstring).
+
+    `out`'s missing parent folders are created. Only one conversion into a given `out` runs at a time.
 
     Returns:
         the meta written to `<out>/_meta.json` and the validation report (also in `<out>/_validation.json`).
     Raises:
+        LockHeldError: another conversion into `out` is running (the message names its pid and host).
         DatasetExistsError: `out` holds data and `overwrite` is off.
         CocoFormatError: the annotation file is not a COCO instances json.
+        TooFewImagesError: no image, or fewer than `min_kept_fraction` of the json's, could be kept;
+            nothing is written except the report, saved as `<out>.validation.json` beside `out`.
         StrictValidationError: `strict` and at least one record was repaired or skipped; nothing is
             written except the report, saved as `<out>.validation.json` beside `out`.
     """
+    out = cfg.out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(lock_path(out), f"conversion into {out}"):
+        return _convert_locked(cfg)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Temp/old directories of conversions into `out` that died (safe: we hold `out`'s lock)."""
+    for pattern in (f".{out.name}.tmp-*", f".{out.name}.old-*"):
+        for leftover in out.resolve().parent.glob(pattern):
+            logger.info("removing %s, left by an interrupted conversion", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _convert_locked(cfg: ConvertConfig) -> ConversionResult:
     out = cfg.out
     _prepare_out_dir(out, cfg.overwrite)
+    _remove_leftovers(out)
     coco = _load_coco(cfg.annotations)
-    categories = _parse_categories(coco.get("categories", []))
+    categories = parse_categories(coco.get("categories", []))
     report = ValidationReport()
     report.images_in = len(coco.get("images", []))
     report.annotations_in = len(coco.get("annotations", []))
-    images = _valid_images(coco.get("images", []), report)
-    annotations = _index_annotations(
+    images = valid_images(coco.get("images", []), report)
+    annotations = index_annotations(
         coco.get("annotations", []), {im["id"]: im for im in images}, {c.id for c in categories}, report
     )
+    info, licenses = coco.get("info"), coco.get("licenses")
     del coco  # the raw records (segmentations included) are no longer needed
 
     tmp = out.resolve().parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        shard_files, num_crowd = _write_shards(images, annotations, cfg, tmp, report)
+        ground_truth = GroundTruthWriter(
+            tmp,
+            categories,
+            source=_stored_path(cfg.annotations, out),
+            info=info if isinstance(info, dict) else None,
+            licenses=licenses if isinstance(licenses, list) else None,
+        )
+        try:
+            written = _write_shards(images, annotations, cfg, tmp, report, ground_truth)
+        finally:
+            ground_truth.close()
+        report_beside = out.resolve().parent / f"{out.name}.validation.json"
+        if report.images_out == 0 or report.images_out < cfg.min_kept_fraction * report.images_in:
+            write_json_atomic(report_beside, report.model_dump_json(indent=2))
+            raise TooFewImagesError(report, report_beside, _too_few_hint(cfg, report, written.missing_files))
         if cfg.strict and not report.ok:
-            report_path = out.resolve().parent / f"{out.name}.validation.json"
-            write_json_atomic(report_path, report.model_dump_json(indent=2))
-            raise StrictValidationError(report, report_path)
+            write_json_atomic(report_beside, report.model_dump_json(indent=2))
+            raise StrictValidationError(report, report_beside)
         meta = DatasetMeta(
             categories=categories,
             counts=DatasetCounts(
                 images=report.images_out,
                 annotations=report.annotations_out,
-                crowd_annotations=num_crowd,
-                shards=len(shard_files),
+                crowd_annotations=written.num_crowd,
+                shards=len(written.shard_files),
             ),
-            shards=shard_files,
+            shards=written.shard_files,
             annotation_file=_stored_path(cfg.annotations, out),
             image_root=_stored_path(cfg.images, out),
             split=cfg.split,
         )
+        ground_truth.finish()  # before _meta.json: a complete directory always has its ground truth
         write_json_atomic(tmp / VALIDATION_FILENAME, report.model_dump_json(indent=2))
         write_meta(tmp, meta)  # last: its presence marks the directory complete
         _move_into_place(tmp, out)
@@ -304,14 +253,57 @@ def convert_coco_to_shards(cfg: ConvertConfig) -> ConversionResult:
     return ConversionResult(out_dir=out, meta=meta, report=report)
 
 
+def _find_elsewhere(root: Path, file_name: str, max_folders: int = 200) -> Path | None:
+    """A folder next to or inside `root` that holds `file_name` (to suggest the right --images)."""
+    candidates: list[Path] = []
+    for base in (root, root.parent):
+        try:
+            candidates += sorted(p for p in base.iterdir() if p.is_dir() and p != root)[:max_folders]
+        except OSError:
+            continue
+    return next((folder for folder in candidates if (folder / file_name).is_file()), None)
+
+
+def _too_few_hint(cfg: ConvertConfig, report: ValidationReport, missing_files: list[str]) -> str:
+    root = cfg.images.resolve()
+    kept = f"kept {report.images_out} of the {report.images_in} image records of {cfg.annotations}"
+    parts = [kept + ("" if report.images_out == 0 else f", fewer than --min-kept-fraction {cfg.min_kept_fraction:g}")]
+    missing = report.count(Issue.MISSING_IMAGE_FILE)
+    if missing:
+        parts.append(f"{missing} file(s) not found in {root} (first file_names: {', '.join(missing_files)})")
+        elsewhere = _find_elsewhere(root, missing_files[0]) if missing_files else None
+        if elsewhere is not None:
+            parts.append(f"{missing_files[0]} exists in {elsewhere}: is that the --images folder?")
+        else:
+            parts.append("check --images: the json's file_names are relative to it")
+    for issue in (Issue.CORRUPT_IMAGE, Issue.IMAGE_SIZE_MISMATCH, Issue.INVALID_IMAGE_RECORD, Issue.DUPLICATE_IMAGE_ID):
+        if report.count(issue):
+            ids = ", ".join(str(i) for i in report.examples.get(issue.value, [])[:5])
+            parts.append(f"{report.count(issue)} {issue.value} (first image ids: {ids})")
+    return "; ".join(parts) + "."
+
+
+def _size_mismatch_text(record: dict[str, Any], decoded_size: tuple[int, int], data: bytes) -> str:
+    text = f"decoded (h, w) {decoded_size}, json (h, w) ({record['height']}, {record['width']})"
+    orientation = exif_orientation(data)
+    if decoded_size == (record["width"], record["height"]) and orientation >= 5:
+        text += (
+            f"; EXIF orientation {orientation} rotates this image by 90 degrees and the json gives the rotated "
+            "size: boxes must refer to the stored pixel grid (COCO's convention, no EXIF rotation)"
+        )
+    return text
+
+
 def _write_shards(
     images: list[dict[str, Any]],
-    annotations: dict[int, list[_Annotation]],
+    annotations: dict[int, list[Annotation]],
     cfg: ConvertConfig,
     tmp: Path,
     report: ValidationReport,
-) -> tuple[list[str], int]:
+    ground_truth: GroundTruthWriter,
+) -> _WriteResult:
     num_crowd = 0
+    missing_files: list[str] = []
     writer = ShardWriter(tmp, int(cfg.shard_size_mb * 1024 * 1024), cfg.row_group_rows)
     with writer, tqdm(total=len(images), unit="img", desc="shards", disable=not cfg.progress) as bar:
         for record, (data, issue, decoded_size, error) in _stream_images(images, cfg.images, cfg):
@@ -319,11 +311,13 @@ def _write_shards(
             image_id = record["id"]
             anns = annotations.pop(image_id, [])
             if issue is None and decoded_size is not None and decoded_size != (record["height"], record["width"]):
-                issue, error = Issue.IMAGE_SIZE_MISMATCH, f"decoded (h, w) {decoded_size}"
+                issue, error = Issue.IMAGE_SIZE_MISMATCH, _size_mismatch_text(record, decoded_size, data or b"")
             if issue is not None or data is None:
                 issue = issue or Issue.CORRUPT_IMAGE
                 logger.warning("skipping image %s (%s): %s: %s", image_id, record["file_name"], issue.value, error)
                 report.add(issue, image_id)
+                if issue is Issue.MISSING_IMAGE_FILE and len(missing_files) < 5:
+                    missing_files.append(record["file_name"])
                 if anns:
                     report.add(Issue.ANNOTATION_OF_SKIPPED_IMAGE, image_id, count=len(anns))
                 continue
@@ -340,7 +334,11 @@ def _write_shards(
                     "area": [a.area for a in anns],
                 }
             )
+            ground_truth.add_image(record, [a.coco_record(image_id) for a in anns])
+            for annotation in anns:
+                for filled in annotation.filled:
+                    report.add(filled, annotation.ann_id)
             report.images_out += 1
             report.annotations_out += len(anns)
             num_crowd += sum(a.iscrowd for a in anns)
-    return writer.close(), num_crowd
+    return _WriteResult(writer.close(), num_crowd, missing_files)

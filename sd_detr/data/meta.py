@@ -1,15 +1,19 @@
-"""Dataset metadata (`_meta.json`) and the one category-id <-> label map of the project.
+"""Dataset metadata (`_meta.json`), the cleaned COCO ground truth, and the one category-id <-> label map.
 
 A shard directory is complete exactly when its `_meta.json` exists: the converter writes that file last
-and moves the directory into place atomically. The model uses contiguous labels `0..C-1`, the index of a
-category in the categories sorted by id; COCO evaluation and predictions use the original category ids.
-Every conversion between the two goes through `DatasetMeta`.
+and moves the directory into place atomically. From schema version 2 on, the directory also holds
+`_ground_truth.json`, the cleaned COCO annotations of exactly the images and annotations in the shards,
+which is what evaluation reads (`load_ground_truth`); the source json and image folder are never needed
+after conversion. The model uses contiguous labels `0..C-1`, the index of a category in the categories
+sorted by id; COCO evaluation and predictions use the original category ids. Every conversion between the
+two goes through `DatasetMeta`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,11 +23,21 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 META_FILENAME = "_meta.json"
 VALIDATION_FILENAME = "_validation.json"
-SCHEMA_VERSION = 1
+GROUND_TRUTH_FILENAME = "_ground_truth.json"
+# 1: shards + _meta.json + _validation.json. 2: + _ground_truth.json (same Parquet schema).
+SCHEMA_VERSION = 2
+GROUND_TRUTH_SINCE_VERSION = 2
 
 
 class MetaNotFoundError(FileNotFoundError):
     """Raised when a dataset directory has no `_meta.json` (not converted, or conversion incomplete)."""
+
+
+class GroundTruthNotFoundError(FileNotFoundError):
+    """A shard directory has no `_ground_truth.json` (converted before schema version 2, or damaged).
+
+    The message holds the command that re-converts it from the source paths recorded in `_meta.json`.
+    """
 
 
 class Category(BaseModel):
@@ -57,10 +71,11 @@ class DatasetMeta(BaseModel):
     counts: DatasetCounts = Field(description="Images, annotations and shards written.")
     shards: list[str] = Field(description="Shard file names, relative to the dataset directory.")
     annotation_file: str = Field(
-        description="COCO annotation json the shards came from; relative paths are relative to the "
-        "dataset directory (see `annotation_path`). The val split's file is the COCO ground truth."
+        description="Source COCO annotation json the shards came from (provenance only: it may not exist "
+        "on the machine that reads the shards; evaluation reads `_ground_truth.json`, see "
+        "`load_ground_truth`). Relative paths are relative to the dataset directory."
     )
-    image_root: str = Field(description="Image folder of the source dataset (same path convention).")
+    image_root: str = Field(description="Source image folder (provenance only; same path convention).")
     source: Literal["coco", "synthetic"] = Field(default="coco", description="Which converter made it.")
     split: str | None = Field(default=None, description="Split name, e.g. 'train' or 'val'.")
     generator_config: dict[str, Any] | None = Field(
@@ -120,8 +135,33 @@ class DatasetMeta(BaseModel):
         return path if path.is_absolute() else (Path(dataset_dir) / path).resolve()
 
     def annotation_path(self, dataset_dir: Path) -> Path:
-        """Absolute path of the COCO annotation json (COCO ground truth for evaluation)."""
+        """Absolute path of the *source* COCO json (provenance; may be absent on this machine).
+
+        Not the evaluation ground truth: use `load_ground_truth(dataset_dir)` for that.
+        """
         return self.resolve(dataset_dir, self.annotation_file)
+
+    def image_root_path(self, dataset_dir: Path) -> Path:
+        """Absolute path of the source image folder (provenance; may be absent on this machine)."""
+        return self.resolve(dataset_dir, self.image_root)
+
+    def reconvert_command(self, dataset_dir: Path) -> str:
+        """The shell command that rebuilds `dataset_dir` from its recorded source (json + image folder)."""
+        dataset_dir = Path(dataset_dir).resolve()
+        if self.source == "synthetic":
+            settings = self.generator_config or {}
+            flags = "".join(
+                f" --{name.replace('_', '-')} {settings[name]}"
+                for name in ("seed", "num_train", "num_val")
+                if name in settings
+            )
+            return f"python pipelines/prepare_data.py synthetic --out {shlex.quote(str(dataset_dir.parent))}{flags} --overwrite"
+        return (
+            "python pipelines/prepare_data.py coco "
+            f"--annotations {shlex.quote(str(self.annotation_path(dataset_dir)))} "
+            f"--images {shlex.quote(str(self.image_root_path(dataset_dir)))} "
+            f"--out {shlex.quote(str(dataset_dir))} --overwrite"
+        )
 
     def shard_paths(self, dataset_dir: Path) -> list[Path]:
         """Absolute paths of the shard files, in write order."""
@@ -156,7 +196,60 @@ def load_meta(dataset_dir: Path | str) -> DatasetMeta:
             "`python pipelines/prepare_data.py coco --annotations A.json --images DIR --out "
             f"{dataset_dir}` (or `python pipelines/prepare_data.py synthetic --out DIR`) first."
         )
-    return DatasetMeta.model_validate_json(path.read_text())
+    meta = DatasetMeta.model_validate_json(path.read_text())
+    if meta.schema_version > SCHEMA_VERSION:
+        raise ValueError(
+            f"{path} has shard schema version {meta.schema_version}, newer than this code's {SCHEMA_VERSION}: "
+            "update sd-detr, or re-convert the dataset with this version"
+        )
+    return meta
+
+
+def ground_truth_path(dataset_dir: Path | str) -> Path:
+    """Absolute path of `<dataset_dir>/_ground_truth.json` (whether or not it exists)."""
+    return Path(dataset_dir).resolve() / GROUND_TRUTH_FILENAME
+
+
+def load_ground_truth(dataset_dir: Path | str) -> dict[str, Any]:
+    """The cleaned COCO ground truth of a shard directory, as a COCO dict.
+
+    It holds exactly the images and annotations of the shards (`images`, `annotations` with `id` >= 1,
+    `bbox` xywh px as in the shards, `area`, `iscrowd`, `category_id`; `categories` as in `_meta.json`),
+    so `sd_detr.evaluation.coco_from_dict(load_ground_truth(d))` is a valid pycocotools ground truth.
+    It never reads the source json or image folder.
+
+    Raises:
+        MetaNotFoundError: `dataset_dir` is not a complete shard directory.
+        GroundTruthNotFoundError: the directory predates schema version 2 (or lost the file); the message
+            holds the command that re-converts it.
+        ValueError: the file does not match `_meta.json` (damaged or edited by hand).
+    """
+    dataset_dir = Path(dataset_dir).resolve()
+    meta = load_meta(dataset_dir)
+    path = ground_truth_path(dataset_dir)
+    if meta.schema_version < GROUND_TRUTH_SINCE_VERSION or not path.is_file():
+        why = (
+            f"it was converted with shard schema version {meta.schema_version}, before the cleaned ground truth "
+            "traveled with the shards"
+            if meta.schema_version < GROUND_TRUTH_SINCE_VERSION
+            else "the file is missing (the directory is damaged)"
+        )
+        raise GroundTruthNotFoundError(
+            f"{path} not found: {why}. Evaluation reads only this file, never the source json. Re-convert "
+            f"with: {meta.reconvert_command(dataset_dir)}"
+        )
+    with path.open() as handle:
+        ground_truth = json.load(handle)
+    images, annotations = ground_truth.get("images"), ground_truth.get("annotations")
+    if not isinstance(images, list) or not isinstance(annotations, list):
+        raise ValueError(f"{path} is not a COCO ground truth (needs 'images' and 'annotations' lists)")
+    if (len(images), len(annotations)) != (meta.counts.images, meta.counts.annotations):
+        raise ValueError(
+            f"{path} holds {len(images)} images / {len(annotations)} annotations but _meta.json counts "
+            f"{meta.counts.images} / {meta.counts.annotations}: the directory is damaged; re-convert with: "
+            f"{meta.reconvert_command(dataset_dir)}"
+        )
+    return ground_truth
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any] | str) -> None:

@@ -24,6 +24,12 @@ logger = logging.getLogger(__name__)
 
 Target = dict[str, torch.Tensor]
 
+MAX_IMAGE_PIXELS = 89_478_485
+"""Decompression-bomb guard (pixels, W * H): Pillow's default warning threshold, about 9459 x 9459 px or
+268 MB decoded as RGB. Larger images are corrupt for the converter, training and prediction alike."""
+_WIDE_INTEGER_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+_EXIF_ORIENTATION = 0x0112
+
 
 class CorruptImageError(ValueError):
     """The bytes of an image do not decode."""
@@ -39,21 +45,64 @@ class CorruptSample:
 
 
 def decode_image(data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
-    """Decode encoded image bytes (JPEG, PNG, ... anything Pillow reads) to RGB.
+    """Decode encoded image bytes (JPEG, PNG, ... anything Pillow reads) to 8-bit RGB.
+
+    The one decoder of the project: the converter verifies images with it and training, evaluation and
+    prediction decode with it, so they agree on every file (docs/data.md, "Image formats"):
+    - the stored pixel grid is used as is: no EXIF rotation (COCO's convention: boxes refer to the stored
+      pixels, and `width`/`height` in the json are the stored size);
+    - grayscale, palette, CMYK (Pillow's conversion, no ICC colour management) and other modes become RGB;
+      an alpha channel is dropped (not composited);
+    - 16-bit images become 8-bit: 16-bit RGB keeps the high byte (Pillow), 16/32-bit integer grayscale
+      is scaled from 0..65535 to 0..255 (value / 257, rounded, clipped); float grayscale is clipped;
+    - more than `MAX_IMAGE_PIXELS` pixels (decompression-bomb guard) is an error, checked from the header
+      before any pixel is decoded; multi-frame files give their first frame.
 
     Returns:
-        (pixels uint8 [H, W, 3], (H, W)). No EXIF rotation is applied: COCO boxes refer to the stored
-        pixel grid.
+        (pixels uint8 [H, W, 3], (H, W)).
     Raises:
-        CorruptImageError: the bytes are empty, truncated or not an image.
+        CorruptImageError: the bytes are empty, truncated, not an image, or too large.
     """
     try:
         with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise CorruptImageError(
+                    f"decompression-bomb guard: {width}x{height} = {width * height / 1e6:.1f} Mpx exceeds the "
+                    f"limit of {MAX_IMAGE_PIXELS / 1e6:.1f} Mpx"
+                )
             image.load()
-            pixels = np.array(image.convert("RGB"))
+            pixels = _to_rgb8(image)
+    except CorruptImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise CorruptImageError(f"decompression-bomb guard: {error}") from error
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise CorruptImageError(f"{type(error).__name__}: {error}") from error
     return pixels, (pixels.shape[0], pixels.shape[1])
+
+
+def _to_rgb8(image: Image.Image) -> np.ndarray:
+    """uint8 [H, W, 3] of a loaded Pillow image of any mode (see `decode_image` for the rules)."""
+    if image.mode in _WIDE_INTEGER_MODES:
+        wide = np.asarray(image).astype(np.float64)
+        gray = np.clip(np.rint(wide / 257.0), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode == "RGB":
+        return np.array(image)
+    return np.array(image.convert("RGB"))
+
+
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation tag (1..8) of encoded image bytes; 1 (upright) when absent or unreadable.
+
+    Only used to explain a size mismatch: decoding never applies it.
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return int(image.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # an explanation helper must never fail the caller
+        return 1
 
 
 def build_target(row: Mapping[str, Any], meta: DatasetMeta, height: int, width: int) -> Target:

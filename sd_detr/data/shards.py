@@ -1,4 +1,4 @@
-"""Parquet shard schema (DESIGN.md section 3) and a size-bounded shard writer / row-group reader.
+"""Parquet shard schema (docs/data.md, "Shard format") and a size-bounded shard writer / row-group reader.
 
 One row per image: `image_id` int64, `file_name` string, `width`/`height` int32, `image` binary (the encoded
 file bytes, never re-encoded), `boxes` flat list<float32> (4 per box, COCO xywh absolute px),

@@ -29,13 +29,16 @@ class Issue(str, enum.Enum):
     BOX_OUTSIDE_IMAGE = "box_outside_image"
     BOX_CLIPPED = "box_clipped"
     CROWD_ANNOTATION = "crowd_annotation"
+    ANNOTATION_ID_ASSIGNED = "annotation_id_assigned"
+    AREA_FROM_BOX = "area_from_box"
+    ISCROWD_MISSING = "iscrowd_missing"
 
 
 ACTIONS: dict[Issue, str] = {
     Issue.INVALID_IMAGE_RECORD: "image skipped (id, file_name, width or height missing or invalid)",
     Issue.DUPLICATE_IMAGE_ID: "image skipped (the first record with this id is kept)",
     Issue.MISSING_IMAGE_FILE: "image skipped",
-    Issue.CORRUPT_IMAGE: "image skipped (bytes do not decode)",
+    Issue.CORRUPT_IMAGE: "image skipped (bytes do not decode, or above the decompression-bomb pixel limit)",
     Issue.IMAGE_SIZE_MISMATCH: "image skipped (decoded size differs from the json width/height)",
     Issue.INVALID_ANNOTATION_RECORD: "annotation skipped (bbox/category_id/image_id missing or malformed)",
     Issue.ANNOTATION_UNKNOWN_IMAGE: "annotation skipped (its image_id has no image record)",
@@ -45,10 +48,16 @@ ACTIONS: dict[Issue, str] = {
     Issue.BOX_OUTSIDE_IMAGE: "annotation skipped (no overlap with the image)",
     Issue.BOX_CLIPPED: "box repaired: clipped to the image",
     Issue.CROWD_ANNOTATION: "kept with iscrowd=1 (COCO eval ignores its region); excluded from training",
+    Issue.ANNOTATION_ID_ASSIGNED: "kept; id missing, not a positive int, or a duplicate: a new unique id assigned",
+    Issue.AREA_FROM_BOX: "kept; area missing or not positive: filled in as the box area w*h",
+    Issue.ISCROWD_MISSING: "kept; iscrowd missing: filled in as 0",
 }
 
-# Issues that are information, not problems: they never fail a --strict conversion.
-KEPT: frozenset[Issue] = frozenset({Issue.CROWD_ANNOTATION})
+# Issues that are information, not problems: they never fail a --strict conversion. The three filled-in
+# fields are counted in the report; the filled values are what `_ground_truth.json` holds.
+KEPT: frozenset[Issue] = frozenset(
+    {Issue.CROWD_ANNOTATION, Issue.ANNOTATION_ID_ASSIGNED, Issue.AREA_FROM_BOX, Issue.ISCROWD_MISSING}
+)
 
 
 class ValidationReport(BaseModel):
