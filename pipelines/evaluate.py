@@ -3,7 +3,9 @@
     python pipelines/evaluate.py --model models:/sd-detr-synthetic@champion --data data/synthetic/val
     python pipelines/evaluate.py --model ray_results/sd-detr-synthetic/checkpoint_... --data DIR --out stats.json
 
-The ground truth is the COCO json the shards were converted from (recorded in the shards' _meta.json).
+The ground truth is the cleaned annotations stored beside the shards (`_ground_truth.json`), never the source
+json. Detections are scored by the same code as training-time evaluation (`pipelines.distributed_eval`, here
+as a single rank), so the same weights give the same AP here, at any `--batch-size`, and during training.
 """
 
 from __future__ import annotations
@@ -16,12 +18,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipelines.cli import fail, format_validation_error
+from pipelines.distributed_eval import Evaluation, evaluate, ground_truth_coco
 from pipelines.inference import LoadedModel, load_model
 from sd_detr.data.config import LoaderConfig
 from sd_detr.data.dataset import build_dataloader
 from sd_detr.data.meta import load_meta
-from sd_detr.engine import predict
-from sd_detr.evaluation import CocoEvaluator, coco_from_dict
 
 
 class EvaluateConfig(BaseModel):
@@ -36,26 +37,25 @@ class EvaluateConfig(BaseModel):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI).")
 
 
-def evaluate_model(loaded: LoadedModel, data: Path, batch_size: int = 8) -> dict[str, float]:
-    """The 12 COCO statistics of ``loaded`` on the shard directory ``data``."""
+def evaluate_shards(loaded: LoadedModel, data: Path, batch_size: int = 8) -> Evaluation:
+    """The evaluation (COCO statistics and score-IoU diagnostics) of ``loaded`` on the shard directory ``data``
+    (CPU, one process, the code of training-time evaluation)."""
     meta = load_meta(data)
     if meta.category_ids.tolist() != loaded.category_ids:
         raise ValueError(
             f"the model's categories {loaded.category_ids} differ from {data}'s {meta.category_ids.tolist()}"
         )
-    ground_truth = coco_from_dict(json.loads(meta.annotation_path(data).read_text()))
-    evaluator = CocoEvaluator(ground_truth)
+    ground_truth = ground_truth_coco(data)
     loader = build_dataloader(
         data, loaded.augmentation, LoaderConfig(batch_size=batch_size, shuffle="none"), train=False
     )
-    label_to_category_id = torch.tensor(loaded.category_ids)
-    for batch in loader:
-        if not len(batch):
-            continue
-        orig_sizes = torch.stack([t["orig_size"] for t in batch.targets])
-        detections = predict(loaded.model, batch.images, batch.padding_mask, orig_sizes, label_to_category_id)
-        evaluator.update([int(t["image_id"]) for t in batch.targets], detections)
-    return evaluator.summarize()
+    label_to_category_id = torch.tensor(loaded.category_ids, dtype=torch.int64)
+    return evaluate(loaded.model, loader, ground_truth, label_to_category_id, torch.device("cpu"), None)
+
+
+def evaluate_model(loaded: LoadedModel, data: Path, batch_size: int = 8) -> dict[str, float]:
+    """The 12 COCO statistics of ``loaded`` on the shard directory ``data``."""
+    return evaluate_shards(loaded, data, batch_size).coco_stats()
 
 
 def main(argv: list[str] | None = None) -> None:

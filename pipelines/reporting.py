@@ -19,7 +19,7 @@ from sd_detr.evaluation import CocoEvaluator
 
 if TYPE_CHECKING:
     from pipelines.config import TrainJobConfig
-    from pipelines.worker import Evaluation
+    from pipelines.distributed_eval import Evaluation
 
 SCORE_THRESHOLD = 0.3
 

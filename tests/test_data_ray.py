@@ -64,13 +64,14 @@ def test_materialized_val_set_gives_the_streamed_batches_every_epoch(ray_local, 
     assert len(_ids(reference)) == 6
 
 
-def test_ray_train_pipeline_is_seeded_and_varies_per_epoch(ray_local, synthetic_root: Path) -> None:
+@pytest.mark.parametrize("shuffle", ["rows", "window"])
+def test_ray_train_pipeline_is_seeded_and_varies_per_epoch(ray_local, synthetic_root: Path, shuffle: str) -> None:
     from pipelines.ray_data import build_detection_dataset, iter_detection_batches
 
     aug = AugmentationConfig()
 
     def epochs(seed: int, count: int) -> list[list[DetectionBatch]]:
-        loader = LoaderConfig(batch_size=4, seed=seed, decode_batch_size=4)
+        loader = LoaderConfig(batch_size=4, seed=seed, decode_batch_size=4, shuffle=shuffle)
         dataset = build_detection_dataset(synthetic_root / "train", aug, loader, train=True)
         return [list(iter_detection_batches(dataset, loader, aug)) for _ in range(count)]
 
@@ -81,6 +82,56 @@ def test_ray_train_pipeline_is_seeded_and_varies_per_epoch(ray_local, synthetic_
     sizes = [{int(t["image_id"]): t["size"].tolist() for b in epoch for t in b.targets} for epoch in first_run]
     assert sizes[0] != sizes[1]  # augmentation differs per epoch
     assert not _same(first_run[0], other_seed[0])
+
+
+def _shard_of(dataset_dir: Path) -> dict[int, str]:
+    import pyarrow.parquet as pq
+
+    meta = load_meta(dataset_dir)
+    return {
+        image_id: path.name
+        for path in meta.shard_paths(dataset_dir)
+        for image_id in pq.read_table(path, columns=["image_id"]).column("image_id").to_pylist()
+    }
+
+
+@pytest.mark.parametrize("window_rows", [3, None])  # ~3 rows' worth of bytes; the default (> the whole set)
+def test_window_shuffle_reorders_images_inside_shards_every_epoch(
+    ray_local, synthetic_root: Path, window_rows: int | None
+) -> None:
+    from pipelines.ray_data import build_detection_dataset, iter_detection_batches, shuffle_window_rows
+
+    train_dir, aug = synthetic_root / "train", AugmentationConfig()
+    window_mb = LoaderConfig().shuffle_window_mb
+    meta = load_meta(train_dir)
+    row_bytes = sum(p.stat().st_size for p in meta.shard_paths(train_dir)) / meta.counts.images
+    if window_rows is not None:
+        window_mb = (window_rows + 0.5) * row_bytes / 2**20
+        assert shuffle_window_rows(train_dir, window_mb) == window_rows
+    else:  # a window never exceeds a quarter of Ray Data's object-store budget (half the store)
+        budget = ray_local.cluster_resources()["object_store_memory"] / 2
+        assert shuffle_window_rows(train_dir, 1e6) == int(budget / 4 / row_bytes)
+    shard_of = _shard_of(train_dir)
+    largest = max(set(shard_of.values()), key=list(shard_of.values()).count)
+    assert list(shard_of.values()).count(largest) >= 4
+
+    def run(shuffle: str, seed: int, count: int) -> list[list[int]]:
+        loader = LoaderConfig(
+            batch_size=4, decode_batch_size=4, seed=seed, shuffle=shuffle, shuffle_window_mb=window_mb
+        )
+        dataset = build_detection_dataset(train_dir, aug, loader, train=True)
+        return [_ids(list(iter_detection_batches(dataset, loader, aug))) for _ in range(count)]
+
+    def inside(order: list[int]) -> list[int]:
+        return [i for i in order if shard_of[i] == largest]
+
+    epochs = run("window", 0, 3)
+    assert all(sorted(order) == sorted(shard_of) for order in epochs)  # every image exactly once per epoch
+    assert len({tuple(inside(order)) for order in epochs}) > 1  # image order inside a shard changes
+    assert run("window", 0, 1)[0] == epochs[0]  # a rerun with the same seed: the same order
+    assert run("window", 1, 1)[0] != epochs[0]
+    files_only = run("files", 0, 3)  # what 'files' does: shard order changes, the order inside never
+    assert len({tuple(inside(order)) for order in files_only}) == 1
 
 
 def load_meta_ids(dataset_dir: Path) -> list[int]:
