@@ -1,71 +1,102 @@
-"""Load a trained detector (registry URI or Ray checkpoint) and run it on image files."""
+"""Load a trained detector (registry URI or Ray checkpoint) and run it on image files.
+
+A registered model is read as data: its safetensors weights and JSON configs are downloaded and the detector
+is built with this project's code. Nothing from the registry is unpickled or executed (the model's code file
+is ignored here; `mlflow.pyfunc.load_model` is the way that runs it).
+"""
 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import torch
+import yaml
 from torchvision import tv_tensors
 
 from pipelines.config import TrainJobConfig
+from pipelines.model_artifact import FILE_NAMES, LoadedModel, ModelArtifactError, read_model_files
 from pipelines.tracking import fluent_uris
-from pipelines.worker import load_checkpoint_state
+from sd_detr.backbone_weights import without_backbone_weights
 from sd_detr.data.collate import pad_and_collate
-from sd_detr.data.config import AugmentationConfig
 from sd_detr.data.meta import load_meta
 from sd_detr.data.samples import decode_image
 from sd_detr.data.transforms import build_eval_transform
 from sd_detr.engine import predict
-from sd_detr.model import Detector, build_detector
+from sd_detr.model import build_detector
+
+__all__ = ["LoadedModel", "Predictor", "list_images", "load_checkpoint_model", "load_model", "load_registered_model"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
-@dataclass
-class LoadedModel:
-    """A detector with what inference needs: category ids per label and the eval resize."""
+PYFUNC_LOADER_MODULE = "mlflow.pyfunc.loaders.code_model"  # models-from-code, no pickled object
 
-    model: Detector
-    category_ids: list[int]
-    category_names: list[str]
-    augmentation: AugmentationConfig
+
+def load_model_directory(directory: str | Path) -> LoadedModel:
+    """A downloaded MLflow model directory logged by `pipelines/serving.py` -> :class:`LoadedModel`.
+
+    Reads only ``MLmodel`` (YAML) to find the artifact files, then the safetensors + JSON files.
+
+    Raises:
+        ModelArtifactError: not such a model (e.g. a pickled model from an older version of the pipeline).
+    """
+    directory = Path(directory).resolve()
+    mlmodel = directory / "MLmodel"
+    if not mlmodel.is_file():
+        raise ModelArtifactError(f"{directory} is not an MLflow model directory (no MLmodel file)")
+    flavor = (yaml.safe_load(mlmodel.read_text()) or {}).get("flavors", {}).get("python_function", {})
+    artifacts = flavor.get("artifacts") or {}
+    if flavor.get("loader_module") != PYFUNC_LOADER_MODULE or not set(FILE_NAMES) <= set(artifacts):
+        raise ModelArtifactError(
+            f"{directory} was not logged by this pipeline's pyfunc model (needs the artifacts {sorted(FILE_NAMES)}; "
+            f"found flavors {sorted((yaml.safe_load(mlmodel.read_text()) or {}).get('flavors', {}))}). Models "
+            "logged as pickles are not loaded: register the checkpoint again with the current pipeline."
+        )
+    paths = {}
+    for key in FILE_NAMES:
+        path = (directory / str(artifacts[key]["path"])).resolve()
+        if not path.is_relative_to(directory):
+            raise ModelArtifactError(f"artifact {key!r} points outside the model directory: {artifacts[key]['path']}")
+        paths[key] = path
+    return read_model_files(paths)
 
 
 def load_registered_model(model_uri: str, tracking_uri: str | None = None) -> LoadedModel:
-    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> :class:`LoadedModel`."""
-    with fluent_uris(tracking_uri or mlflow.get_tracking_uri()):
-        model = mlflow.pytorch.load_model(model_uri, map_location="cpu")
-        metadata = mlflow.models.get_model_info(model_uri).metadata or {}
-    if "categories" not in metadata:
-        raise ValueError(f"{model_uri} was not logged by pipelines/train.py (no categories in its metadata)")
-    augmentation = AugmentationConfig(
-        eval_size=metadata["eval_size"], eval_max_size=metadata["eval_max_size"],
-        mean=tuple(metadata["mean"]), std=tuple(metadata["std"]),
-    )  # fmt: skip
-    categories = metadata["categories"]
-    return LoadedModel(model.eval(), [c["id"] for c in categories], [c["name"] for c in categories], augmentation)
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` -> :class:`LoadedModel` (CPU, eval mode).
+
+    Downloads the model's files to a temporary directory and builds the detector from them (no pickle, no
+    code from the registry).
+    """
+    with tempfile.TemporaryDirectory(prefix="sd-detr-model-") as scratch:
+        with fluent_uris(tracking_uri or mlflow.get_tracking_uri()):
+            local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=scratch)
+        return load_model_directory(local)
 
 
 def load_checkpoint_model(checkpoint_dir: str | Path) -> LoadedModel:
     """A Ray Train checkpoint directory of `pipelines/train.py` -> :class:`LoadedModel`."""
+    from pipelines.checkpoint import load_checkpoint_state  # torch.load(weights_only=True)
+
     state = load_checkpoint_state(checkpoint_dir)
     cfg = TrainJobConfig.model_validate(json.loads(state["config"]))
-    model = build_detector(cfg.model)
+    model = build_detector(without_backbone_weights(cfg.model))  # the checkpoint holds the trained backbone
     model.load_state_dict(state["model"])
     meta = load_meta(cfg.data.val_dir)
     return LoadedModel(model.eval(), meta.category_ids.tolist(), meta.category_names, cfg.data.augmentation)
 
 
 def load_model(source: str, tracking_uri: str | None = None) -> LoadedModel:
-    """A registry URI (``models:/...``) or a checkpoint directory."""
+    """A registry URI (``models:/...``), a downloaded MLflow model directory or a checkpoint directory."""
     if source.startswith("models:/"):
         return load_registered_model(source, tracking_uri)
     if not Path(source).is_dir():
-        raise FileNotFoundError(f"{source} is neither a models:/ URI nor a checkpoint directory")
+        raise FileNotFoundError(f"{source} is neither a models:/ URI nor a model or checkpoint directory")
+    if (Path(source) / "MLmodel").is_file():
+        return load_model_directory(source)
     return load_checkpoint_model(source)
 
 

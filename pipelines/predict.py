@@ -4,25 +4,34 @@
     python pipelines/predict.py --model models:/sd-detr-synthetic/3 --images a.jpg b.png --out d.json --draw drawn/
 
 Writes COCO-results JSON (``image_id`` = position in the sorted input list, ``file_name`` added) and,
-with ``--draw``, PNGs with the boxes drawn. Many images (``--ray-min-images``) run as Ray Data batch
-inference with the model loaded once per actor.
+with ``--draw``, PNGs with the boxes drawn (after the JSON is written, so a drawing failure loses no
+detection). Many images (``--ray-min-images``) run as Ray Data batch inference with the model loaded once
+per actor.
+
+Images are decoded by the project's one decoder (``sd_detr.data.samples.decode_image``), so prediction
+treats every file as training did: the stored pixel grid without EXIF rotation (boxes refer to the stored
+pixels), grayscale / palette / CMYK / 16-bit converted to 8-bit RGB, and files over the decompression-bomb
+limit or that do not decode skipped and listed (docs/data.md, "Image formats").
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from torchvision.io import ImageReadMode, write_png
-from torchvision.io import decode_image as decode_file
+from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
 from pipelines.cli import fail, format_validation_error
 from pipelines.inference import LoadedModel, Predictor, list_images, load_model
 from sd_detr.box_ops import xyxy_to_xywh
+from sd_detr.data.samples import decode_image
+
+logger = logging.getLogger(__name__)
 
 
 class PredictConfig(BaseModel):
@@ -88,8 +97,9 @@ def predict_with_ray(cfg: PredictConfig, files: list[Path]) -> list[dict | None]
 
 
 def draw(path: Path, detection: dict, loaded: LoadedModel, threshold: float, folder: Path) -> None:
-    """Save ``folder/<stem>.png`` with the detections above ``threshold`` drawn."""
-    image = decode_file(str(path), mode=ImageReadMode.RGB)
+    """Save ``folder/<stem>.png`` with the detections above ``threshold`` drawn (on the pixels the model saw)."""
+    pixels, _ = decode_image(path.read_bytes())
+    image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
     keep = detection["scores"] >= max(threshold, 1e-9)
     names = dict(zip(loaded.category_ids, loaded.category_names, strict=True))
     labels = [
@@ -119,13 +129,15 @@ def run(cfg: PredictConfig) -> list[dict]:
             unreadable.append(str(path))
             continue
         results.extend(detections_to_results(path.name, image_id, detection, cfg.score_threshold))
-        if cfg.draw is not None:
-            draw(path, detection, loaded, cfg.score_threshold, cfg.draw)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     cfg.out.write_text(json.dumps(results))
-    print(f"{len(files) - len(unreadable)} images, {len(results)} detections -> {cfg.out}")
+    logger.info("%d images, %d detections -> %s", len(files) - len(unreadable), len(results), cfg.out)
     if unreadable:
-        print(f"skipped {len(unreadable)} unreadable images: {unreadable[:10]}")
+        logger.warning("skipped %d unreadable images: %s", len(unreadable), unreadable[:10])
+    if cfg.draw is not None:
+        for path, detection in zip(files, detections, strict=True):
+            if detection is not None:
+                draw(path, detection, loaded, cfg.score_threshold, cfg.draw)
     return results
 
 
@@ -140,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ray-min-images", type=int, default=256)
     parser.add_argument("--tracking-uri")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         cfg = PredictConfig.model_validate({k: v for k, v in vars(args).items() if v is not None})
     except ValidationError as error:

@@ -2,13 +2,19 @@
 
 Loopback-only ports, secrets only from `.env`, healthchecks and conditional `depends_on`, the GPU reservation,
 pinned images that match the project's pins, one shared volume on every Ray node, and an `.env.example` that
-covers every variable. The MLflow `--allowed-hosts` value is also tried on a real server.
+covers every variable. MLflow requires a login (basic-auth app, the pipeline user from `.env`), reaches MinIO
+with a bucket-only user and does not run as root. The MLflow `--allowed-hosts` value and the basic-auth setup
+(docker/basic_auth.ini, docker/mlflow_users.py) are also tried on real servers.
 """
 
 from __future__ import annotations
 
+import configparser
+import json
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -291,3 +297,177 @@ def test_mlflow_allowed_hosts_admit_the_service_name_on_a_real_server(
             assert status == 403, f"Host {host} was not rejected ({status})"
         # The healthcheck route answers whatever the Host header is.
         assert http_get(f"{url}/health", host_header="evil.example.com") == (200, "OK")
+
+
+# --- authentication, scoped object-store credentials, non-root ----------------------------------------------
+
+AUTH_INI = DOCKER_DIR / "basic_auth.ini"
+USERS_SCRIPT = DOCKER_DIR / "mlflow_users.py"
+ROOT_USERS = {"0", "root"}
+
+
+def _reference_name(value: str) -> str:
+    """`FOO` of a `${FOO...}` compose reference."""
+    match = re.fullmatch(r"\$\{([A-Z][A-Z0-9_]*)[^}]*\}", value)
+    assert match, f"{value!r} is not a ${{VAR}} reference"
+    return match.group(1)
+
+
+def _auth_config() -> configparser.SectionProxy:
+    parser = configparser.ConfigParser()
+    parser.read(AUTH_INI)
+    return parser["mlflow"]
+
+
+def _dockerfile_user(text: str) -> str:
+    users = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
+    assert users, "the Dockerfile sets no USER"
+    return users[-1].split(":")[0]
+
+
+def test_mlflow_runs_the_basic_auth_app_as_a_non_root_user(services: dict[str, dict[str, Any]]) -> None:
+    mlflow = services["mlflow"]
+    command = _command(mlflow)
+    assert command[command.index("--app-name") + 1] == "basic-auth"
+    environment = _environment(mlflow)
+    for key in ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        assert NO_DEFAULT_REFERENCE.fullmatch(environment[key]), f"mlflow.{key} must come from .env"
+    # The app's settings: from the image, no secret in them, anonymous users get nothing, a persistent store.
+    dockerfile = (DOCKER_DIR / "mlflow.Dockerfile").read_text()
+    assert re.search(r"^COPY basic_auth\.ini (\S+)$", dockerfile, re.MULTILINE).group(1) == "/etc/mlflow/basic_auth.ini"
+    assert "MLFLOW_AUTH_CONFIG_PATH=/etc/mlflow/basic_auth.ini" in dockerfile
+    assert re.search(r"(?i)flask-wtf==", dockerfile), "the basic-auth app imports flask_wtf"
+    auth = _auth_config()
+    assert "admin_password" not in auth, "the admin password must come from .env, not the image"
+    assert auth["default_permission"] in {"READ", "NO_PERMISSIONS"}
+    store = auth["database_uri"]
+    assert store.startswith("sqlite:////") or store.startswith("postgresql")
+    if store.startswith("sqlite:////"):
+        folder = str(Path(store.removeprefix("sqlite:///")).parent)
+        mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in mlflow.get("volumes", [])}
+        assert mounts.get(folder) == "mlflow-auth", f"the user store {store} is not on a volume"
+        assert f"mkdir -p {folder}" in dockerfile and f"chown 10001:10001 {folder}" in dockerfile
+    # Not root: the image's USER and the services that run it.
+    assert _dockerfile_user(dockerfile) not in ROOT_USERS
+    for name in ("mlflow", "mlflow-users"):
+        user = str(services[name].get("user", "")).split(":")[0]
+        assert user and user not in ROOT_USERS, f"{name} must run as a non-root user, got {user!r}"
+        assert services[name]["image"] == mlflow["image"]
+
+
+def test_clients_authenticate_as_the_pipeline_user_from_env(services: dict[str, dict[str, Any]]) -> None:
+    users_job = services["mlflow-users"]
+    assert _is_one_shot(users_job)
+    assert users_job["depends_on"]["mlflow"]["condition"] == "service_healthy"
+    job_env = _environment(users_job)
+    assert _reference_name(job_env["MLFLOW_TRACKING_PASSWORD"]) == "MLFLOW_AUTH_ADMIN_PASSWORD"
+    assert _reference_name(job_env["PIPELINE_PASSWORD"]) == "MLFLOW_TRACKING_PASSWORD"
+    assert _reference_name(job_env["PIPELINE_USERNAME"]) == "MLFLOW_TRACKING_USERNAME"
+    assert _command(users_job)[-1] == "/usr/local/lib/mlflow_users.py"
+    assert "COPY mlflow_users.py /usr/local/lib/mlflow_users.py" in (DOCKER_DIR / "mlflow.Dockerfile").read_text()
+    for name, node in _ray_nodes(services).items():
+        environment = _environment(node)
+        assert _reference_name(environment["MLFLOW_TRACKING_USERNAME"]) == "MLFLOW_TRACKING_USERNAME", name
+        assert NO_DEFAULT_REFERENCE.fullmatch(environment["MLFLOW_TRACKING_PASSWORD"]), name
+        assert _reference_name(environment["MLFLOW_TRACKING_PASSWORD"]) == "MLFLOW_TRACKING_PASSWORD", name
+    assert services["ray-head"]["depends_on"]["mlflow-users"]["condition"] == "service_completed_successfully"
+    example = _env_example()
+    assert example["MLFLOW_TRACKING_USERNAME"] != example["MLFLOW_AUTH_ADMIN_USERNAME"]
+
+
+def test_mlflow_reaches_minio_with_a_bucket_only_user(services: dict[str, dict[str, Any]]) -> None:
+    environment = _environment(services["mlflow"])
+    access, secret = environment["AWS_ACCESS_KEY_ID"], environment["AWS_SECRET_ACCESS_KEY"]
+    assert "MINIO_ROOT" not in access + secret, "MLflow must not hold the MinIO root credentials"
+    assert _reference_name(access) == "MLFLOW_S3_ACCESS_KEY" and _reference_name(secret) == "MLFLOW_S3_SECRET_KEY"
+    assert not any("MINIO_ROOT" in value for value in environment.values())
+    init = services["minio-init"]
+    init_env = _environment(init)
+    assert _reference_name(init_env["MLFLOW_S3_ACCESS_KEY"]) == "MLFLOW_S3_ACCESS_KEY"
+    assert _reference_name(init_env["MLFLOW_S3_SECRET_KEY"]) == "MLFLOW_S3_SECRET_KEY"
+    mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in init.get("volumes", [])}
+    assert mounts["/etc/minio-init/minio-init.sh"] == "./docker/minio-init.sh"
+    assert mounts["/etc/minio-init/minio-mlflow-policy.json"] == "./docker/minio-mlflow-policy.json"
+    assert init["entrypoint"][-1] == "/etc/minio-init/minio-init.sh"
+    script = (DOCKER_DIR / "minio-init.sh").read_text()
+    for step in (
+        "mc mb --ignore-existing",
+        "mc admin policy create s3 mlflow-bucket",
+        'mc admin user add s3 "$MLFLOW_S3_ACCESS_KEY"',
+        "mc admin policy attach s3 mlflow-bucket --user",
+    ):
+        assert step in script, step  # fmt: skip
+    # Every statement of the policy allows S3 object/bucket actions on the one bucket, nothing else.
+    policy = json.loads((DOCKER_DIR / "minio-mlflow-policy.json").read_text().replace("BUCKET", "mlflow"))
+    for statement in policy["Statement"]:
+        assert statement["Effect"] == "Allow"
+        assert set(statement["Resource"]) <= {"arn:aws:s3:::mlflow", "arn:aws:s3:::mlflow/*"}, statement
+        assert all(action.startswith("s3:") and "*" not in action for action in statement["Action"]), statement
+    actions = {action for statement in policy["Statement"] for action in statement["Action"]}
+    assert {"s3:GetObject", "s3:PutObject", "s3:ListBucket"} <= actions
+
+
+def _auth_server_env(tmp_path: Path, admin_password: str) -> dict[str, str]:
+    """The compose server's auth settings with the user store moved under ``tmp_path``."""
+    parser = configparser.ConfigParser()
+    parser.read(AUTH_INI)
+    parser["mlflow"]["database_uri"] = f"sqlite:///{tmp_path / 'basic_auth.db'}"
+    ini = tmp_path / "basic_auth.ini"
+    with ini.open("w") as handle:
+        parser.write(handle)
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+        "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key",
+    }
+
+
+def _run_users_script(url: str, admin: tuple[str, str], pipeline: tuple[str, str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=url, MLFLOW_TRACKING_USERNAME=admin[0], MLFLOW_TRACKING_PASSWORD=admin[1],
+               PIPELINE_USERNAME=pipeline[0], PIPELINE_PASSWORD=pipeline[1])  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(USERS_SCRIPT)], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_basic_auth_on_a_real_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mlflow server --app-name basic-auth` with docker/basic_auth.ini: anonymous and wrong logins get 401,
+    the admin gets in, docker/mlflow_users.py creates the pipeline user (twice: idempotent), and the pipeline
+    logs in with it (.env's MLFLOW_TRACKING_USERNAME/PASSWORD) to track runs and register a model."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.server.auth.client import AuthServiceClient
+    from mlflow.tracking import MlflowClient
+
+    from tests.registry_helpers import register_tiny_model
+
+    admin, pipeline = ("admin", "admin-Pa55word-1"), ("sd-detr", "pipeline-Pa55word-2")
+    env = _auth_server_env(tmp_path, admin[1])
+    with running_mlflow_server(tmp_path / "server", app_name="basic-auth", extra_env=env) as url:
+        api = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert http_get(api)[0] == 401
+        assert http_get(api, auth=(admin[0], "wrong-password"))[0] == 401
+        assert http_get(api, auth=admin)[0] == 200
+        assert http_get(f"{url}/health") == (200, "OK")  # the compose healthcheck needs no login
+
+        assert http_get(api, auth=pipeline)[0] == 401  # not created yet
+        first = _run_users_script(url, admin, pipeline)
+        assert first.returncode == 0 and "created" in first.stderr, first.stderr
+        again = _run_users_script(url, admin, pipeline)
+        assert again.returncode == 0 and "updated" in again.stderr, again.stderr
+        refused = _run_users_script(url, (admin[0], "wrong-password"), pipeline)
+        assert refused.returncode == 1 and "could not set up" in refused.stderr, refused.stderr
+        assert http_get(api, auth=pipeline)[0] == 200
+
+        # The pipeline's clients authenticate from the environment, as the Ray nodes do from .env.
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", pipeline[0])
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", pipeline[1])
+        version, aliased, _ = register_tiny_model(url, "auth-model", 0.5, tmp_path / "model")
+        assert (version, aliased) == ("1", True)
+        assert MlflowClient(url).get_model_version_by_alias("auth-model", "champion").version == "1"
+        with pytest.raises(MlflowException, match=r"(?i)permission|403"):
+            AuthServiceClient(url).create_user("intruder", "intruder-Pa55word-3")  # not an admin
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "wrong-password")
+        with pytest.raises(MlflowException, match="401"):
+            MlflowClient(url).search_experiments(max_results=1)

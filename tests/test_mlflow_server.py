@@ -10,11 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
-import torch
 from mlflow import MlflowClient
 
 import tests.mlflow_server as mlflow_server_module
+from pipelines.inference import Predictor
+from pipelines.serving import example_image
 from tests.mlflow_server import (
     ARTIFACTS_DIRNAME,
     LOOPBACK,
@@ -22,6 +24,7 @@ from tests.mlflow_server import (
     running_mlflow_server,
     session_server_root,
 )
+from tests.registry_helpers import register_tiny_model
 
 
 @pytest.fixture
@@ -89,49 +92,30 @@ def test_run_metric_and_proxied_artifact(
 
 
 def test_registered_model_loads_by_alias_through_the_server(
-    tracking_uri: str, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+    tracking_uri: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
-    inputs = torch.randn(5, 4)
+    """The pipeline's registered model (a pyfunc model of safetensors + JSON, no pickle) goes through the
+    artifact proxy and loads by alias with pickle deserialization switched off."""
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     name = _unique("server-test-model")
     client = MlflowClient(tracking_uri=tracking_uri)
-    experiment_id = client.create_experiment(_unique("server-test-registry"))
-
-    with mlflow.start_run(experiment_id=experiment_id) as run:
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            registered_model_name=name,
-            serialization_format="pickle",
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],  # skip slow requirement inference
-        )
-    assert info.registered_model_version == "1"
-    client.set_registered_model_alias(name, "champion", "1")
-
-    version = client.get_model_version_by_alias(name, "champion")
-    assert (version.version, version.run_id) == ("1", run.info.run_id)
+    version, aliased, loaded = register_tiny_model(tracking_uri, name, 0.5, tmp_path / "v1")
+    assert (version, aliased) == ("1", True)
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version == "1"
     # The model files were uploaded through the proxy too.
     download_uri = client.get_model_version_download_uri(name, "1")
-    prefix = f"mlflow-artifacts:/{experiment_id}/"
-    assert download_uri.startswith(prefix), download_uri
+    assert download_uri.startswith("mlflow-artifacts:/"), download_uri
     stored = session_server_root(tmp_path_factory) / ARTIFACTS_DIRNAME / download_uri.removeprefix("mlflow-artifacts:/")
-    assert (stored / "MLmodel").is_file()
-    loaded = mlflow.pytorch.load_model(f"models:/{name}@champion")
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(inputs), model(inputs), rtol=0, atol=0)
+    assert (stored / "MLmodel").is_file() and (stored / "artifacts" / "model.safetensors").is_file()
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    image = example_image()
+    frame = model.predict(pd.DataFrame({"image": [image]}), params={"top_k": 3})
+    expected = Predictor(loaded, top_k=3)([image])[0]
+    assert frame["score"].tolist() == pytest.approx(expected["scores"].tolist(), abs=1e-6)
 
-    # A second version does not move the alias until asked to.
-    with mlflow.start_run(experiment_id=experiment_id):
-        second = mlflow.pytorch.log_model(
-            torch.nn.Linear(4, 3),
-            name="model",
-            registered_model_name=name,
-            serialization_format="pickle",
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        )
-    assert second.registered_model_version == "2"
+    # A second, worse version does not move the alias.
+    assert register_tiny_model(tracking_uri, name, 0.1, tmp_path / "v2", seed=1)[:2] == ("2", False)
     assert client.get_model_version_by_alias(name, "champion").version == "1"
 
 
