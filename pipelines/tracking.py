@@ -1,25 +1,32 @@
 """MLflow wiring of the pipeline: fail-fast reachability check, experiment and run bookkeeping, metric and
-artifact logging by run id (rank 0 / driver only), model registration and the champion alias."""
+artifact logging by run id (rank 0 / driver only), model registration (a pyfunc model without pickle, see
+`pipelines/serving.py`) and the champion alias."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import logging
 import os
+import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import torch
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
 from mlflow.tracking._model_registry import utils as registry_utils
 from mlflow.tracking._tracking_service import utils as tracking_utils
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 RUN_NAME_TAG = "sd_detr.run_name"
 AP_TAG = "val_AP"
+
+logger = logging.getLogger(__name__)
 
 
 class TrackingUnavailableError(RuntimeError):
@@ -128,37 +135,85 @@ def fluent_uris(uri: str) -> Iterator[None]:
                 os.environ[key] = value
 
 
+class AliasUpdateError(RuntimeError):
+    """The alias could not be compared or moved safely; the registered version exists, the alias is unchanged
+    (or, after a concurrent move, points elsewhere)."""
+
+
+def current_alias_holder(client: MlflowClient, model_name: str, alias: str) -> tuple[str, float] | None:
+    """(version, val AP) of the version that ``alias`` points at, or None when the model has no such alias.
+
+    "No such alias" is read from the registered model's alias list, never inferred from an error: any
+    failure to read the model or the aliased version (timeout, 5xx, permission) propagates.
+
+    Raises:
+        AliasUpdateError: the aliased version has no readable ``val_AP`` tag (set by hand?), so there is
+            nothing to compare against.
+    """
+    aliases = client.get_registered_model(model_name).aliases or {}
+    if alias not in aliases:
+        return None
+    version = str(aliases[alias])
+    tag = client.get_model_version(model_name, version).tags.get(AP_TAG)
+    try:
+        return version, float(tag)
+    except (TypeError, ValueError):
+        raise AliasUpdateError(
+            f"{model_name}@{alias} is version {version}, whose {AP_TAG} tag is {tag!r}, not a number: cannot "
+            f"compare. Set the tag (MlflowClient().set_model_version_tag({model_name!r}, {version!r}, "
+            f"{AP_TAG!r}, '<AP>')) or move the alias by hand."
+        ) from None
+
+
+def update_alias(client: MlflowClient, model_name: str, alias: str, version: str, val_ap: float) -> bool:
+    """Point ``alias`` at ``version`` when ``val_ap`` beats the aliased version's AP (or nothing has the alias);
+    re-read the alias afterwards. Returns whether the alias was moved.
+
+    Raises:
+        AliasUpdateError: the current holder's AP is unreadable, or the alias does not point at ``version``
+            after setting it (another job moved it in between).
+        MlflowException: reading or setting the alias failed; the alias was not moved by this call.
+    """
+    current = current_alias_holder(client, model_name, alias)
+    if current is not None and not val_ap > current[1]:
+        logger.info("%s@%s stays at version %s (AP %.4f >= %.4f)", model_name, alias, current[0], current[1], val_ap)
+        return False
+    client.set_registered_model_alias(model_name, alias, version)
+    now = client.get_model_version_by_alias(model_name, alias)
+    if str(now.version) != version:
+        raise AliasUpdateError(
+            f"{model_name}@{alias} was set to version {version} but now points at version {now.version} "
+            "(moved concurrently?); check the registry."
+        )
+    logger.info("%s@%s -> version %s (AP %.4f)", model_name, alias, version, val_ap)
+    return True
+
+
 def register_model(
     uri: str,
     run_id: str,
-    model: torch.nn.Module,
+    artifact_paths: Mapping[str, str],
+    input_image: bytes,
     model_name: str,
     alias: str,
     val_ap: float,
     metadata: dict[str, Any],
 ) -> tuple[str, bool]:
-    """Log ``model`` to ``run_id`` and register it under ``model_name``; move ``alias`` to the new version
-    when its val AP beats the aliased version's (or no version has the alias). Returns (version, aliased)."""
+    """Log the pyfunc model of ``artifact_paths`` (`pipelines/model_artifact.py` files) to ``run_id``, register
+    it under ``model_name`` and move ``alias`` to it when its val AP beats the aliased version's (see
+    :func:`update_alias`). Returns (version, aliased).
+
+    ``input_image`` (encoded bytes) becomes the model's input example; ``metadata`` goes into its MLmodel file.
+    """
+    from pipelines.serving import log_pyfunc_model  # serving -> inference -> tracking: import at call time
+
     client = client_for(uri)
     with fluent_uris(uri), mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            model.cpu().eval(),
-            name="model",
-            registered_model_name=model_name,
-            serialization_format="pickle",
-            metadata=metadata,
-        )
+        info = log_pyfunc_model(artifact_paths, input_image, registered_model_name=model_name, metadata=metadata)
     version = str(info.registered_model_version)
     client.set_model_version_tag(model_name, version, AP_TAG, f"{val_ap:.6f}")
-    try:
-        current = client.get_model_version_by_alias(model_name, alias)
-        current_ap = float(current.tags.get(AP_TAG, "-inf"))
-    except Exception:  # no version carries the alias yet
-        current, current_ap = None, float("-inf")
-    aliased = current is None or val_ap > current_ap
-    if aliased:
-        client.set_registered_model_alias(model_name, alias, version)
     client.set_tag(run_id, "sd_detr.registered_version", version)
+    aliased = update_alias(client, model_name, alias, version, val_ap)
     return version, aliased
 
 
@@ -169,3 +224,54 @@ def log_text_artifact(client: MlflowClient, run_id: str, text: str, artifact_fil
         path.write_text(text)
         folder = str(Path(artifact_file).parent)
         client.log_artifact(run_id, str(path), artifact_path=None if folder == "." else folder)
+
+
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
+DATASET_DIGEST_LENGTH = 20
+
+
+def dataset_input(dataset_dir: Path, context: str) -> DatasetInput:
+    """The MLflow dataset input of a shard directory: named after the directory (and split), digest = the
+    first :data:`DATASET_DIGEST_LENGTH` hex digits of the SHA-256 of its ``_meta.json`` (which lists the shard
+    files, categories and counts), source = the directory, profile = image/annotation/shard counts.
+    ``context`` is "training" or "validation" (shown in the run's Datasets panel)."""
+    from sd_detr.data.meta import META_FILENAME, load_meta
+
+    dataset_dir = Path(dataset_dir).resolve()
+    meta = load_meta(dataset_dir)
+    digest = hashlib.sha256((dataset_dir / META_FILENAME).read_bytes()).hexdigest()[:DATASET_DIGEST_LENGTH]
+    profile = {
+        "num_images": meta.counts.images,
+        "num_annotations": meta.counts.annotations,
+        "num_crowd_annotations": meta.counts.crowd_annotations,
+        "num_shards": meta.counts.shards,
+        "num_categories": meta.num_classes,
+        "origin": meta.source,
+    }
+    name = dataset_dir.parent.name + "/" + dataset_dir.name if dataset_dir.parent.name else dataset_dir.name
+    dataset = Dataset(
+        name=name,
+        digest=digest,
+        source_type="local",
+        source=json.dumps({"uri": dataset_dir.as_uri()}),
+        profile=json.dumps(profile),
+    )
+    return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+
+
+def log_dataset_inputs(client: MlflowClient, run_id: str, train_dir: Path, val_dir: Path) -> None:
+    """Record the train and val shard directories as the run's dataset inputs (lineage)."""
+    client.log_inputs(run_id, datasets=[dataset_input(train_dir, "training"), dataset_input(val_dir, "validation")])
+
+
+def git_commit(directory: Path) -> str | None:
+    """The commit checked out in ``directory`` (``git rev-parse HEAD``), or None when it is no git checkout
+    (e.g. a `ray job submit` working-dir copy) or git is not installed."""
+    try:
+        result = subprocess.run(
+            ["git", "-C", str(directory), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and len(commit) == 40 else None

@@ -5,8 +5,17 @@
         --set optimizer.epochs=20 --set training.run_name=baseline
     ray job submit --working-dir . -- python pipelines/train.py --set scaling.num_workers=4
 
-The config is validated before Ray starts (exit code 2 with the offending fields); ``RAY_ADDRESS`` selects
-a cluster, ``MLFLOW_TRACKING_URI`` (or ``tracking.tracking_uri``) the tracking store.
+The config is validated before Ray starts (exit code 2 with the offending fields), and so are the backbone's
+weights (``model.backbone.weights_path`` must exist and fit the ResNet, or ``model.backbone.pretrained=false``
+must say the backbone is random on purpose), the tracking store and the shard directories (the val shards
+must carry their cleaned ground truth). ``RAY_ADDRESS`` selects a cluster, ``MLFLOW_TRACKING_URI`` (or
+``tracking.tracking_uri``) the tracking store.
+
+Rerunning a ``training.run_name`` resumes its last checkpoint; a checkpoint made with a different model or
+optimisation config is refused (exit code 2, naming the differing fields), and so is a second job on the same
+run name and storage path while one runs. If MLflow goes away during training, training goes on and what
+could not be logged is kept beside the checkpoints; if it is still unreachable at the end, the job exits with
+code 3 and prints the `pipelines/register.py` command that logs it and registers the model later.
 """
 
 from __future__ import annotations
@@ -16,7 +25,10 @@ import argparse
 from pipelines.cli import add_config_arguments, fail, load_or_exit
 from pipelines.config import DEFAULT_CONFIG, TrainJobConfig
 from pipelines.tracking import TrackingUnavailableError
-from pipelines.training import ClusterTooSmallError, print_summary, run_training
+from pipelines.training import ClusterTooSmallError, TrackingIncompleteError, print_summary, run_training
+from sd_detr.data.lock import LockHeldError
+
+TRACKING_INCOMPLETE_EXIT_CODE = 3
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,8 +38,11 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_or_exit(TrainJobConfig, args.config, args.set, DEFAULT_CONFIG)
     try:
         outcome = run_training(cfg)
-    except (TrackingUnavailableError, ClusterTooSmallError, FileNotFoundError, ValueError) as error:
+    except (TrackingUnavailableError, ClusterTooSmallError, LockHeldError, FileNotFoundError, ValueError) as error:
         fail(str(error))
+    except TrackingIncompleteError as error:
+        print_summary(error.outcome, cfg)
+        fail(str(error), code=TRACKING_INCOMPLETE_EXIT_CODE)
     print_summary(outcome, cfg)
 
 

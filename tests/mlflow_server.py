@@ -20,6 +20,7 @@ loopback address to `NO_PROXY` for the test process while the server runs.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import signal
@@ -59,8 +60,9 @@ def free_loopback_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def server_command(root: Path, port: int, allowed_hosts: str | None = None) -> list[str]:
-    """The `mlflow server` command line for a server whose files live under `root` (absolute)."""
+def server_command(root: Path, port: int, allowed_hosts: str | None = None, app_name: str | None = None) -> list[str]:
+    """The `mlflow server` command line for a server whose files live under `root` (absolute);
+    `app_name` is passed as `--app-name` (e.g. "basic-auth")."""
     command = [
         str(mlflow_executable()),
         "server",
@@ -78,16 +80,24 @@ def server_command(root: Path, port: int, allowed_hosts: str | None = None) -> l
     ]
     if allowed_hosts is not None:
         command += ["--allowed-hosts", allowed_hosts]
+    if app_name is not None:
+        command += ["--app-name", app_name]
     return command
 
 
-def http_get(url: str, host_header: str | None = None, timeout_s: float = 10.0) -> tuple[int, str]:
-    """GET `url` without any HTTP proxy (optional Host header); returns (status, body).
+def http_get(
+    url: str, host_header: str | None = None, timeout_s: float = 10.0, auth: tuple[str, str] | None = None
+) -> tuple[int, str]:
+    """GET `url` without any HTTP proxy (optional Host header, optional HTTP basic `auth` (user, password));
+    returns (status, body).
 
     Raises OSError when nothing answers.
     """
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    request = urllib.request.Request(url, headers={"Host": host_header} if host_header else {})
+    headers = {"Host": host_header} if host_header else {}
+    if auth is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+    request = urllib.request.Request(url, headers=headers)
     try:
         with opener.open(request, timeout=timeout_s) as response:
             return response.status, response.read().decode(errors="replace")
@@ -142,7 +152,12 @@ def _no_proxy_for_loopback() -> Iterator[None]:
 
 @contextlib.contextmanager
 def running_mlflow_server(
-    root: Path, allowed_hosts: str | None = None, startup_timeout_s: float = STARTUP_TIMEOUT_S
+    root: Path,
+    allowed_hosts: str | None = None,
+    startup_timeout_s: float = STARTUP_TIMEOUT_S,
+    app_name: str | None = None,
+    extra_env: dict[str, str] | None = None,
+    port: int | None = None,
 ) -> Iterator[str]:
     """Start `mlflow server` on a free 127.0.0.1 port with its files under `root`; yield its base URL.
 
@@ -150,6 +165,11 @@ def running_mlflow_server(
         root: directory for the SQLite store, the artifact destination and the server log (created).
         allowed_hosts: passed as `--allowed-hosts` (None: MLflow's default, localhost + private IPs).
         startup_timeout_s: how long to wait for `/health` before giving up.
+        app_name: `--app-name` of the server, e.g. "basic-auth" (None: no authentication).
+        extra_env: variables for the server process on top of the test's environment without `MLFLOW_*`
+            (e.g. `MLFLOW_AUTH_CONFIG_PATH`, `MLFLOW_AUTH_ADMIN_PASSWORD`, `MLFLOW_FLASK_SERVER_SECRET_KEY`).
+        port: listen on this port (e.g. to restart a stopped server where its clients expect it; one
+            attempt, no retry on another port); None: a free port.
 
     Yields:
         "http://127.0.0.1:<port>", the tracking URI (and registry URI) of the server.
@@ -165,13 +185,15 @@ def running_mlflow_server(
     # The GenAI job runner (huey consumers, a store under /dev/shm) is not needed for tracking and the
     # registry, and starting it would only slow the server down on a small test machine.
     env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    env.update(extra_env or {})
+    fixed_port = port
     for attempt in range(1, _START_ATTEMPTS + 1):
-        port = free_loopback_port()
+        port = fixed_port or free_loopback_port()
         base_url = f"http://{LOOPBACK}:{port}"
         log_start = log_path.stat().st_size if log_path.exists() else 0
         with log_path.open("ab") as log:
             process = subprocess.Popen(
-                server_command(root, port, allowed_hosts),
+                server_command(root, port, allowed_hosts, app_name),
                 cwd=root,  # anything the server resolves relative to its CWD stays under root
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -188,7 +210,7 @@ def running_mlflow_server(
             break
         _stop(process)
         log_text = log_path.read_bytes()[log_start:].decode(errors="replace")
-        if "address already in use" not in log_text.lower() or attempt == _START_ATTEMPTS:
+        if "address already in use" not in log_text.lower() or attempt == _START_ATTEMPTS or fixed_port:
             raise RuntimeError(f"mlflow server at {base_url} {failure}; log {log_path}:\n{log_text[-6000:]}")
     try:
         with _no_proxy_for_loopback():

@@ -48,6 +48,8 @@ def test_train_logs_registers_and_predicts_like_the_in_memory_model(ray_local, s
     assert len(_history(client, outcome.run_id, "train_loss")) == 2
     for key in ("val_AP50", "val_ARl", "lr", "train_images_per_s", "train_loss_align", "train_data_wait_s"):
         assert key in run.data.metrics
+    assert run.data.metrics["val_images"] == 6  # 2 workers, 3 val images each: every image evaluated once
+    assert run.data.metrics["val_predict_seconds"] <= run.data.metrics["val_seconds"]
     artifacts = _artifact_paths(client, outcome.run_id)
     assert "config.yaml" in artifacts
     assert {"plots/pr_curve_epoch000.png", "plots/pr_curve_epoch001.png"} <= artifacts

@@ -1,0 +1,114 @@
+"""Driver-side guards of a training run name, checked before Ray starts.
+
+* :func:`check_resume_compatible`: rerunning ``training.run_name`` resumes its latest checkpoint, which is only
+  safe when the checkpoint was made with the same model and optimisation setup. Otherwise the job stops
+  (:class:`IncompatibleCheckpointError`, exit code 2 in `pipelines/train.py`) naming the differing fields.
+* :func:`job_lock`: one job per (storage path, run name) at a time, through
+  :func:`sd_detr.data.lock.exclusive_lock` (a kernel ``flock``: a crashed job never leaves it stuck).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipelines.checkpoint import CONFIG_FILE, checkpoint_config_json
+from pipelines.config import TrainJobConfig
+from pipelines.metrics_outbox import RunStorage
+from sd_detr.config import flatten_config
+from sd_detr.data.lock import exclusive_lock
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint_"
+"""Ray Train's checkpoint folder names inside the run's storage folder (``checkpoint_<timestamp>``)."""
+
+COMPATIBILITY_PREFIXES = ("model.", "matcher.", "loss.", "optimizer.")
+"""Config fields a resumed checkpoint must agree on: the network (shapes, variant), the objective and the
+optimiser/scheduler (whose states the checkpoint holds) ..."""
+COMPATIBILITY_FIELDS = ("data.train_dir", "data.val_dir")
+"""... and the data it was trained and evaluated on."""
+RESUMABLE_FIELDS = ("optimizer.epochs", "model.backbone.weights_path")
+"""Fields that may change on resume: more epochs extend a run; the backbone's initial weights file only
+matters before the first checkpoint (and its path differs between machines)."""
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The run name's checkpoint was made with a config that differs in fields that must match."""
+
+
+def compatibility_differences(old: dict[str, str], new: dict[str, str]) -> list[tuple[str, str, str]]:
+    """(field, checkpoint value, new value) of every compatibility field that differs between two flattened
+    configs (a field missing on one side shows as ``<absent>``), sorted by field."""
+    keys = {k for k in old.keys() | new.keys() if k.startswith(COMPATIBILITY_PREFIXES) or k in COMPATIBILITY_FIELDS}
+    return [
+        (key, old.get(key, "<absent>"), new.get(key, "<absent>"))
+        for key in sorted(keys - set(RESUMABLE_FIELDS))
+        if old.get(key) != new.get(key)
+    ]
+
+
+def latest_checkpoint(storage: RunStorage) -> str | None:
+    """The newest ``checkpoint_*`` folder name in the run's storage folder (Ray names them by time), or None."""
+    names = [name for name in storage.subfolders("") if name.startswith(CHECKPOINT_PREFIX)]
+    return max(names) if names else None
+
+
+def checkpoint_config(storage: RunStorage, checkpoint: str) -> dict:
+    """The job config (JSON) a checkpoint of ``storage`` was made with."""
+    text = storage.read_text(f"{checkpoint}/{CONFIG_FILE}")
+    if text is not None:
+        return json.loads(text)
+    with storage.local_copy(checkpoint) as directory:  # a checkpoint written before config.json existed
+        return checkpoint_config_json(directory)
+
+
+def check_resume_compatible(cfg: TrainJobConfig) -> None:
+    """Raise :class:`IncompatibleCheckpointError` when ``cfg`` (absolute paths, data resolved) would resume a
+    checkpoint of its run name that was made with different compatibility fields."""
+    storage = RunStorage(cfg.training.storage_path, cfg.training.run_name)
+    checkpoint = latest_checkpoint(storage)
+    if checkpoint is None:
+        return
+    previous = TrainJobConfig.model_validate(checkpoint_config(storage, checkpoint))
+    differences = compatibility_differences(flatten_config(previous), flatten_config(cfg))
+    if not differences:
+        return
+    shown = "\n".join(f"  {key}: checkpoint {old!r}, now {new!r}" for key, old, new in differences[:20])
+    more = f"\n  ... and {len(differences) - 20} more" if len(differences) > 20 else ""
+    raise IncompatibleCheckpointError(
+        f"training.run_name={cfg.training.run_name!r} would resume {storage.uri}/{checkpoint}, which was made with "
+        f"a different config:\n{shown}{more}\n"
+        "To start fresh, choose a new name (--set training.run_name=NEW_NAME) or delete the run's storage folder "
+        f"({storage.uri}); to resume, use the checkpoint's settings."
+    )
+
+
+def job_lock_path(cfg: TrainJobConfig) -> Path:
+    """``<storage_path>/<run_name>.lock`` for a local storage path; for a URI (s3://...), a file in the local
+    temp folder named after the URI (then it only keeps out jobs started on this machine)."""
+    storage = cfg.training.storage_path
+    if "://" not in storage:
+        Path(storage).mkdir(parents=True, exist_ok=True)
+        return Path(storage) / f"{cfg.training.run_name}.lock"
+    key = hashlib.sha256(f"{storage.rstrip('/')}/{cfg.training.run_name}".encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / "sd-detr-job-locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{cfg.training.run_name}-{key}.lock"
+
+
+@contextmanager
+def job_lock(cfg: TrainJobConfig) -> Iterator[Path]:
+    """Hold the lock of ``cfg``'s (storage path, run name) for the block (absolute storage path expected).
+
+    Raises:
+        LockHeldError: another job holds it (its message names the holder's pid, host and start time).
+    """
+    purpose = f"training job {cfg.training.run_name!r} in {cfg.training.storage_path}"
+    with exclusive_lock(job_lock_path(cfg), purpose) as path:
+        yield path

@@ -1,0 +1,111 @@
+"""Resume safety and the job lock of `pipelines/train.py`, checked before Ray starts (no training)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.checkpoint import CONFIG_FILE
+from pipelines.run_guard import compatibility_differences, job_lock, job_lock_path
+from pipelines.training import resolve_data
+from sd_detr.config import flatten_config
+from tests.pipeline_helpers import REPO, tiny_job_config, tiny_job_overrides
+
+
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipelines.training
+
+    def forbidden(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("Ray must not start")
+
+    monkeypatch.setattr(pipelines.training, "ensure_ray", forbidden)
+
+
+def _main_exit(overrides: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    from pipelines.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([arg for override in overrides for arg in ("--set", override)])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def _write_checkpoint(tmp_path: Path, synthetic_root: Path, run_name: str, extra: list[str]) -> Path:
+    """A checkpoint folder as Ray Train lays it out, holding the config.json of a job with ``extra``."""
+    cfg = resolve_data(tiny_job_config(tmp_path, synthetic_root, run_name, extra=extra).with_absolute_paths())
+    folder = tmp_path / "ray_results" / run_name / "checkpoint_2026-12-01_10-00-00.000000"
+    folder.mkdir(parents=True)
+    (folder / CONFIG_FILE).write_text(json.dumps(cfg.model_dump(mode="json")))
+    return folder
+
+
+def test_resuming_a_checkpoint_of_another_model_exits_2_naming_the_fields(no_ray, capsys, tmp_path, synthetic_root):
+    folder = _write_checkpoint(tmp_path, synthetic_root, "changed", ["model.transformer.d_model=64"])
+    err = _main_exit(tiny_job_overrides(tmp_path, synthetic_root, "changed"), capsys)
+    assert "model.transformer.d_model: checkpoint '64', now '32'" in err, err
+    assert folder.name in err and "training.run_name" in err and "delete" in err
+    assert "Traceback" not in err
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")  # only reachability was checked: no run made
+    assert client.search_runs([e.experiment_id for e in client.search_experiments()]) == []
+
+
+def test_more_epochs_still_resume() -> None:
+    old = {"optimizer.epochs": "1", "model.num_queries": "10", "training.seed": "0"}
+    new = {"optimizer.epochs": "5", "model.num_queries": "10", "training.seed": "1"}
+    assert compatibility_differences(old, new) == []
+    assert compatibility_differences(old, {**new, "optimizer.lr": "0.1"}) == [("optimizer.lr", "<absent>", "0.1")]
+
+
+def test_same_config_passes_the_check(tmp_path, synthetic_root) -> None:
+    from pipelines.run_guard import check_resume_compatible
+
+    _write_checkpoint(tmp_path, synthetic_root, "same", [])
+    cfg = resolve_data(tiny_job_config(tmp_path, synthetic_root, "same", epochs=5).with_absolute_paths())
+    check_resume_compatible(cfg)
+    assert flatten_config(cfg)["optimizer.epochs"] == "5"
+
+
+def test_a_second_job_on_the_same_run_name_exits_2_naming_the_holder(no_ray, capsys, tmp_path, synthetic_root):
+    cfg = tiny_job_config(tmp_path, synthetic_root, "busy").with_absolute_paths()
+    with job_lock(cfg):
+        err = _main_exit(tiny_job_overrides(tmp_path, synthetic_root, "busy"), capsys)
+    assert f"pid {os.getpid()}" in err and "busy" in err and "Traceback" not in err
+    assert not job_lock_path(cfg).exists()  # released at the end of the block
+
+
+def test_a_killed_job_does_not_leave_its_lock_stuck(tmp_path, synthetic_root) -> None:
+    cfg = tiny_job_config(tmp_path, synthetic_root, "crashed").with_absolute_paths()
+    script = (
+        "import sys, time\n"
+        "from pipelines.config import TrainJobConfig\n"
+        "from pipelines.run_guard import job_lock\n"
+        "cfg = TrainJobConfig.model_validate_json(sys.argv[1])\n"
+        "with job_lock(cfg):\n"
+        "    print('locked', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, cfg.model_dump_json()], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        from sd_detr.data.lock import LockHeldError
+
+        with pytest.raises(LockHeldError, match=f"pid {holder.pid}"), job_lock(cfg):
+            pass
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    time.sleep(0.1)
+    with job_lock(cfg) as path:  # the kernel released the dead holder's flock
+        assert path.exists()
