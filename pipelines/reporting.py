@@ -70,7 +70,7 @@ def log_evaluation_artifacts(
     ``attention/epoch<N>/<image_id>.png`` (decoder cross-attention per stream) to the run."""
     with tempfile.TemporaryDirectory() as directory:
         folder = Path(directory)
-        if getattr(evaluation.evaluator, "last_eval", None) is not None:
+        if evaluation.evaluator.last_eval is not None:
             path = save_png(precision_recall_figure(evaluation.evaluator), folder / f"pr_curve_epoch{epoch:03d}.png")
             client.log_artifact(run_id, str(path), artifact_path="plots")
         aug = cfg.data.augmentation

@@ -52,6 +52,7 @@ class CocoEvaluator:
         self.ground_truth = ground_truth
         self.results: list[dict] = []
         self.image_ids: list[int] = []
+        self.last_eval: COCOeval | None = None  # the pycocotools evaluation of the last `summarize`, if any
 
     def update(self, image_ids: Iterable[int], detections: list[dict[str, Tensor]]) -> None:
         """Add detections of the given images (see :func:`detections_to_coco_results`)."""
@@ -61,11 +62,6 @@ class CocoEvaluator:
             raise KeyError(f"image ids not in the ground truth: {unknown[:5]}")
         self.image_ids.extend(image_ids)
         self.results.extend(detections_to_coco_results(image_ids, detections))
-
-    def extend_results(self, image_ids: Iterable[int], results: list[dict]) -> None:
-        """Add already converted COCO results (e.g. gathered from other workers)."""
-        self.image_ids.extend(int(i) for i in image_ids)
-        self.results.extend(results)
 
     def summarize(self) -> dict[str, float]:
         """The 12 COCO statistics (``AP``, ``AP50``, ... ``ARl``) over the images seen so far.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -81,8 +80,3 @@ def check_memory(memory: Tensor, memory_pos: Tensor, memory_padding_mask: Tensor
         raise ValueError(f"memory {tuple(memory.shape)} and memory_pos {tuple(memory_pos.shape)} differ")
     if memory_padding_mask is not None and memory_padding_mask.shape != memory.shape[:2]:
         raise ValueError(f"memory_padding_mask {tuple(memory_padding_mask.shape)} must be {tuple(memory.shape[:2])}")
-
-
-def stack_layers(tensors: list[Tensor]) -> Tensor:
-    """Stack per-layer tensors [B, ...] into [L, B, ...]."""
-    return torch.stack(tensors)

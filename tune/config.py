@@ -229,10 +229,6 @@ class SweepConfig(TrainJobConfig):
         sizes += [len(v) for v in self.sweep.extra.values()]
         return self.sweep.num_samples * math.prod(sizes)
 
-    def search_keys(self) -> list[str]:
-        """The config paths a trial's parameters set: the two knobs, then the extra keys."""
-        return [ALIGN_PATH, SPLIT_PATH, *self.sweep.extra]
-
 
 def build_trial_config(base: dict[str, Any], params: dict[str, Any], run_name: str | None = None) -> TrainJobConfig:
     """The :class:`TrainJobConfig` of one trial: ``base`` (JSON data) with ``params`` (dotted path -> value) set,
