@@ -129,15 +129,18 @@ class SetCriterion(nn.Module):
         targets: list[dict[str, Tensor]],
         num_boxes: float,
         with_alignment: bool,
+        assignments: list[Assignment] | None = None,
     ) -> dict[str, Tensor]:
         """Unweighted loss terms (``class``, ``bbox``, ``giou`` and optionally ``align``) of one output.
 
         Slots with ``prediction.valid`` False are never matched and get no focal (or alignment) loss.
+        ``assignments`` are the matcher's for this output (computed here when None).
         """
         cfg = self.config
         logits, boxes = prediction.logits.float(), prediction.boxes.float()
         valid = prediction.valid
-        assignments = self.matcher(logits, boxes, targets, valid)
+        if assignments is None:
+            assignments = self.matcher(logits, boxes, targets, valid)
         onehot = one_hot_targets(logits, targets, assignments)
         batch, pred = _matched(assignments)
         batch, pred = batch.to(boxes.device), pred.to(boxes.device)
@@ -158,6 +161,31 @@ class SetCriterion(nn.Module):
                 logits, onehot, matched_iou, num_boxes, cfg.align_alpha, cfg.align_beta, cfg.align_gamma, valid
             )
         return terms
+
+    def match_all(
+        self, predictions: dict[str, Predictions], targets: list[dict[str, Tensor]]
+    ) -> dict[str, list[Assignment]]:
+        """The matcher's assignments of every output, with one device-to-host transfer per group of outputs
+        of equal shape (normally all of them: decoder layers and the TAQ encoder output share [B, N, C])."""
+        groups: dict[tuple[int, ...], list[str]] = {}
+        for name, prediction in predictions.items():
+            groups.setdefault(tuple(prediction.logits.shape), []).append(name)
+        assignments: dict[str, list[Assignment]] = {}
+        for names in groups.values():
+            stack = [predictions[name] for name in names]
+            valid = None
+            if any(p.valid is not None for p in stack):
+                valid = torch.stack(
+                    [
+                        p.valid if p.valid is not None else torch.ones_like(p.logits[..., 0], dtype=torch.bool)
+                        for p in stack
+                    ]
+                )
+            logits = torch.stack([p.logits.detach().float() for p in stack])
+            boxes = torch.stack([p.boxes.detach().float() for p in stack])
+            for name, assigned in zip(names, self.matcher.match_outputs(logits, boxes, targets, valid), strict=True):
+                assignments[name] = assigned
+        return assignments
 
     def weighted_sum(self, terms: dict[str, Tensor]) -> Tensor:
         """Combine one output's terms with the configured weights."""
@@ -187,10 +215,11 @@ class SetCriterion(nn.Module):
             outputs = {f"layer_{i}": (decoder_layers[i], with_alignment) for i in used}
             if encoder is not None:
                 outputs["encoder"] = (encoder, False)
+            assignments = self.match_all({name: prediction for name, (prediction, _) in outputs.items()}, targets)
             total = torch.zeros((), device=device)
             per_output: dict[str, dict[str, Tensor]] = {}
             for name, (prediction, alignment) in outputs.items():
-                terms = self.output_terms(prediction, targets, num_boxes, alignment)
+                terms = self.output_terms(prediction, targets, num_boxes, alignment, assignments[name])
                 total = total + self.weighted_sum(terms)
                 per_output[name] = {k: v.detach() for k, v in terms.items()}
         return LossOutput(total=total, per_output=per_output)

@@ -38,18 +38,32 @@ class HungarianMatcher(nn.Module):
         """logits [B, N, C], boxes [B, N, 4] normalized cxcywh; targets: per image ``labels`` [T_i] int64
         and ``boxes`` [T_i, 4] normalized cxcywh; ``valid`` [B, N] bool (None = all): only valid predictions
         are assigned (K = min(valid predictions, T_i)) -> one :data:`Assignment` per image."""
-        batch, num_queries = logits.shape[:2]
+        stacked_valid = None if valid is None else valid[None]
+        return self.match_outputs(logits[None], boxes[None], targets, stacked_valid)[0]
+
+    @torch.no_grad()
+    def match_outputs(
+        self, logits: Tensor, boxes: Tensor, targets: list[dict[str, Tensor]], valid: Tensor | None = None
+    ) -> list[list[Assignment]]:
+        """Match O outputs of one batch (every decoder layer, the TAQ encoder output) at once.
+
+        logits [O, B, N, C], boxes [O, B, N, 4], ``valid`` [O, B, N] bool or None -> per output, one
+        :data:`Assignment` per image, equal to calling :meth:`forward` on each output. All O cost matrices
+        are built on the device and reach the CPU in a single transfer (one device-host synchronisation per
+        training step instead of one per output); invalid predictions travel as +inf rows.
+        """
+        outputs, batch, num_queries = logits.shape[:3]
         sizes = [len(t["boxes"]) for t in targets]
         if len(targets) != batch:
             raise ValueError(f"{len(targets)} targets for a batch of {batch}")
-        if valid is not None and valid.shape != (batch, num_queries):
-            raise ValueError(f"valid {tuple(valid.shape)} must be {(batch, num_queries)}")
+        if valid is not None and valid.shape != (outputs, batch, num_queries):
+            raise ValueError(f"valid {tuple(valid.shape)} must be {(outputs, batch, num_queries)}")
         empty = torch.empty(0, dtype=torch.int64)
         if sum(sizes) == 0:
-            return [(empty, empty) for _ in sizes]
+            return [[(empty, empty) for _ in sizes] for _ in range(outputs)]
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            probabilities = logits.flatten(0, 1).float().sigmoid()
-            predicted = boxes.flatten(0, 1).float()
+            probabilities = logits.flatten(0, 2).float().sigmoid()
+            predicted = boxes.flatten(0, 2).float()
             labels = torch.cat([t["labels"] for t in targets])
             target_boxes = torch.cat([t["boxes"] for t in targets]).float()
             cfg = self.config
@@ -58,17 +72,28 @@ class HungarianMatcher(nn.Module):
                 + cfg.class_cost * focal_class_cost(probabilities, labels, cfg.focal_alpha, cfg.focal_gamma)
                 - cfg.giou_cost * pairwise_generalized_iou(predicted, target_boxes)
             )
-        big = torch.finfo(cost.dtype).max
-        cost = torch.nan_to_num(cost, nan=big, posinf=big, neginf=big).view(batch, num_queries, -1).cpu()
-        valid_rows = None if valid is None else [row.nonzero()[:, 0] for row in valid.cpu()]
-        assignments = []
-        for index, chunk in enumerate(cost.split(sizes, dim=-1)):
-            image_cost = chunk[index]
-            if valid_rows is not None:  # solve among the valid predictions, then map back to slot indices
-                image_cost = image_cost[valid_rows[index]]
-            rows, cols = linear_sum_assignment(image_cost.numpy())
-            rows = torch.as_tensor(rows, dtype=torch.int64)
-            if valid_rows is not None:
-                rows = valid_rows[index][rows]
-            assignments.append((rows, torch.as_tensor(cols, dtype=torch.int64)))
-        return assignments
+            big = torch.finfo(cost.dtype).max
+            cost = torch.nan_to_num(cost, nan=big, posinf=big, neginf=big)
+            if valid is not None:
+                cost = cost.masked_fill(~valid.reshape(-1, 1), float("inf"))
+        cost = cost.view(outputs, batch, num_queries, -1).cpu()  # the one device -> host transfer
+        return [
+            [_assign(chunk[index], valid is not None) for index, chunk in enumerate(cost[output].split(sizes, dim=-1))]
+            for output in range(outputs)
+        ]
+
+
+def _assign(image_cost: Tensor, masked: bool) -> Assignment:
+    """Optimal assignment of one image: image_cost [N, T] on the CPU, invalid predictions as +inf rows when
+    ``masked`` (solved among the finite rows, then mapped back to slot indices)."""
+    if image_cost.shape[1] == 0:
+        empty = torch.empty(0, dtype=torch.int64)
+        return empty, empty
+    slots = torch.isfinite(image_cost[:, 0]).nonzero()[:, 0] if masked else None
+    if slots is not None:
+        image_cost = image_cost[slots]
+    rows, cols = linear_sum_assignment(image_cost.numpy())
+    rows = torch.as_tensor(rows, dtype=torch.int64)
+    if slots is not None:
+        rows = slots[rows]
+    return rows, torch.as_tensor(cols, dtype=torch.int64)

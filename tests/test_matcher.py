@@ -60,3 +60,49 @@ def test_batch_without_any_target() -> None:
     empty = {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)}
     for rows, cols in HungarianMatcher(MatcherConfig())(logits, boxes, [empty, empty]):
         assert rows.numel() == 0 and cols.numel() == 0 and rows.dtype == torch.int64
+
+
+@pytest.mark.parametrize("target_counts", [[3, 0, 5], [0, 0, 0], [1, 7, 2]])
+def test_batched_matching_equals_per_output_matching(target_counts: list[int]) -> None:
+    """All outputs matched in one call (one device-host transfer) give exactly the per-output assignments,
+    with empty targets and with masked (invalid) predictions."""
+    generator = torch.Generator().manual_seed(sum(target_counts) + len(target_counts))
+    outputs, batch, queries, classes = 4, len(target_counts), 6, 5
+    logits = torch.randn(outputs, batch, queries, classes, generator=generator)
+    boxes = torch.rand(outputs, batch, queries, 4, generator=generator) * 0.5 + 0.25
+    targets = [
+        {
+            "labels": torch.randint(0, classes, (count,), generator=generator),
+            "boxes": torch.rand(count, 4, generator=generator) * 0.5 + 0.25,
+        }
+        for count in target_counts
+    ]
+    valid = torch.rand(outputs, batch, queries, generator=generator) > 0.3
+    valid[0] = True  # one output without invalid slots
+    matcher = HungarianMatcher(MatcherConfig())
+    for mask in (None, valid):
+        batched = matcher.match_outputs(logits, boxes, targets, mask)
+        for output in range(outputs):
+            single = matcher(logits[output], boxes[output], targets, None if mask is None else mask[output])
+            for (rows_b, cols_b), (rows_s, cols_s) in zip(batched[output], single, strict=True):
+                assert torch.equal(rows_b, rows_s) and torch.equal(cols_b, cols_s)
+            if mask is not None:
+                for image, (rows, _) in enumerate(single):
+                    assert bool(mask[output, image, rows].all()), "an invalid slot was matched"
+                    assert len(rows) == min(int(mask[output, image].sum()), target_counts[image])
+
+
+def test_batched_matching_is_optimal_per_output() -> None:
+    """Each output's assignment from the batched call reaches the brute-force minimum cost."""
+    generator = torch.Generator().manual_seed(3)
+    config = MatcherConfig()
+    logits = torch.randn(3, 2, 4, 3, generator=generator)
+    boxes = torch.rand(3, 2, 4, 4, generator=generator) * 0.5 + 0.25
+    targets = [
+        {"labels": torch.tensor([0, 2]), "boxes": torch.rand(2, 4, generator=generator) * 0.5 + 0.25},
+        {"labels": torch.tensor([1]), "boxes": torch.rand(1, 4, generator=generator) * 0.5 + 0.25},
+    ]
+    for output, per_image in enumerate(HungarianMatcher(config).match_outputs(logits, boxes, targets)):
+        for image, (rows, cols) in enumerate(per_image):
+            cost = _cost(logits[output, image], boxes[output, image], targets[image], config)
+            assert float(cost[rows, cols].sum()) == pytest.approx(_brute_force_minimum(cost), abs=1e-4)
