@@ -1,18 +1,28 @@
-"""ResNet backbone with frozen BatchNorm, returning the last feature map and its padding mask."""
+"""Backbones (torchvision ResNet, MobileNetV3, RegNet) with frozen BatchNorm or GroupNorm, returning the last
+feature map and its padding mask."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import resnet
+from torchvision.models import mobilenetv3, regnet, resnet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from sd_detr.backbone_weights import load_backbone_weights
-from sd_detr.config import BackboneConfig
+from sd_detr.config import BackboneConfig, backbone_family
 
 _STAGES = ("layer4", "layer3", "layer2", "layer1", "stem")
+
+_GROUPS = 32
+"""GroupNorm's group count where it divides the channels (every ResNet width)."""
+
+_BN_EPS = {"resnet": 1e-5, "regnet": 1e-5, "mobilenet": 1e-3}
+"""BatchNorm eps of torchvision's own models per family: frozen BatchNorm keeps it so ImageNet files match."""
 
 
 @dataclass
@@ -23,9 +33,42 @@ class FeatureMap:
     padding_mask: Tensor
 
 
+def group_norm_groups(num_channels: int) -> int:
+    """Groups for ``num_channels``: 32 where 32 divides it (every ResNet width), else the largest divisor of
+    ``num_channels`` below 32 (MobileNetV3 / RegNet widths such as 72 -> 24, 88 -> 22, 104 -> 26)."""
+    return max(g for g in range(1, _GROUPS + 1) if num_channels % g == 0)
+
+
 def _group_norm(num_channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups: batch-size independent normalization for training from scratch."""
-    return nn.GroupNorm(32, num_channels)
+    """GroupNorm (:func:`group_norm_groups` groups): batch-size independent normalization for training from
+    scratch."""
+    return nn.GroupNorm(group_norm_groups(num_channels), num_channels)
+
+
+def norm_layer(config: BackboneConfig) -> Callable[[int], nn.Module]:
+    """The norm every layer of the backbone gets: FrozenBatchNorm2d with the family's BatchNorm eps (so an
+    ImageNet file computes what torchvision's model computes), or :func:`_group_norm`."""
+    if config.norm == "group_norm":
+        return _group_norm
+    eps = _BN_EPS[backbone_family(config.name)]
+    return FrozenBatchNorm2d if eps == 1e-5 else partial(FrozenBatchNorm2d, eps=eps)
+
+
+def build_torchvision_net(config: BackboneConfig) -> nn.Module:
+    """The full torchvision classification network of ``config.name`` (classifier included, random weights,
+    the configured norm): the module a weights file with torchvision's key names loads into."""
+    norm = norm_layer(config)
+    name = config.name
+    if name == "resnet10":  # shallow ResNet: basic blocks, one per stage
+        return resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], norm_layer=norm)
+    family = backbone_family(name)
+    if family == "resnet":
+        return getattr(resnet, name)(
+            weights=None, norm_layer=norm, replace_stride_with_dilation=[False, False, config.dilation]
+        )
+    if family == "mobilenet":
+        return getattr(mobilenetv3, name)(weights=None, norm_layer=norm)
+    return getattr(regnet, name)(weights=None, norm_layer=norm)
 
 
 def valid_image_sizes(padding_mask: Tensor) -> list[tuple[int, int]]:
@@ -53,40 +96,48 @@ def valid_image_sizes(padding_mask: Tensor) -> list[tuple[int, int]]:
     return [(height, width) for height, width, _ in checks]
 
 
-class ResNetBackbone(nn.Module):
-    """torchvision ResNet (18/34/50/101) with FrozenBatchNorm2d (or GroupNorm to train from scratch),
-    stride 32 (or 16 with DC5 or C4 output).
+def _block_stride(block: nn.Module) -> int:
+    """Spatial stride of one feature block: the product of its strided convolutions' strides along a path
+    (the largest stride of any one conv: torchvision's blocks downsample at most once)."""
+    strides = [m.stride[0] for m in block.modules() if isinstance(m, nn.Conv2d)]
+    return max(strides, default=1)
 
-    Stages beyond ``trainable_layers`` (counted from layer4 down to the stem) are frozen. Weights come only
-    from ``weights_path`` (a local torchvision state_dict); nothing is downloaded.
+
+def _last_out_channels(module: nn.Module) -> int:
+    """Output channels of ``module``'s last convolution (in registration order, which is execution order
+    for torchvision's MobileNetV3 and RegNet blocks: the projection conv comes after the SE convs)."""
+    return [m for m in module.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
+
+
+class Backbone(nn.Module):
+    """A feature trunk split into five units ``stem``, ``layer1`` (stride 4), ``layer2`` (8), ``layer3`` (16),
+    ``layer4`` (32), of which ``trainable_layers`` train (counted from layer4 down to the stem; the rest are
+    frozen). ``feature_level: c4`` drops ``layer4`` (stride 16). Exposes ``num_channels`` and ``stride``.
+
+    Weights come only from ``weights_path`` (a local torchvision state_dict of the family); nothing is
+    downloaded. Subclasses fill the five units from a torchvision network.
     """
 
-    def __init__(self, config: BackboneConfig) -> None:
-        super().__init__()
-        norm_layer = FrozenBatchNorm2d if config.norm == "frozen_batchnorm" else _group_norm
-        net = getattr(resnet, config.name)(
-            weights=None,
-            norm_layer=norm_layer,
-            replace_stride_with_dilation=[False, False, config.dilation],
-        )
-        if config.weights_path is not None:
-            load_backbone_weights(net, config)
-        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
-        self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
+    num_channels: int
+    stride: int
+
+    def _finish(self, config: BackboneConfig, c4_channels: int, c5_channels: int) -> None:
+        """Drop layer4 for C4, freeze the units beyond ``trainable_layers``, set ``num_channels``/``stride``."""
         use_c4 = config.feature_level == "c4"
-        self.layer4 = nn.Identity() if use_c4 else net.layer4
+        if use_c4:
+            self.layer4 = nn.Identity()
         trainable = set(_STAGES[: config.trainable_layers])
         for name in _STAGES:
             for parameter in getattr(self, name).parameters():
                 parameter.requires_grad_(name in trainable)
-        self.num_channels: int = net.fc.in_features // 2 if use_c4 else net.fc.in_features
-        self.stride: int = 16 if (config.dilation or use_c4) else 32
+        self.num_channels = c4_channels if use_c4 else c5_channels
+        self.stride = 16 if (config.dilation or use_c4) else 32
 
     def forward(self, images: Tensor, padding_mask: Tensor) -> FeatureMap:
         """images [B, 3, H, W] normalized, padding_mask [B, H, W] bool (True = padded; each image's valid
         pixels are the top-left rectangle) -> :class:`FeatureMap` of the batch's largest feature extent.
 
-        Each image runs through the ResNet on its own unpadded crop (images of equal size together), so its
+        Each image runs through the trunk on its own unpadded crop (images of equal size together), so its
         features never see the padding or its batch companions: padding zeros would enter GroupNorm's
         statistics and the convolutions at the image border (docs/method.md 1.1). The feature maps are then
         zero-padded to the largest one, and each image's mask is exactly its own feature extent.
@@ -95,7 +146,7 @@ class ResNetBackbone(nn.Module):
         groups: dict[tuple[int, int], list[int]] = {}
         for index, size in enumerate(sizes):
             groups.setdefault(size, []).append(index)
-        outputs = {size: self._resnet(images[indices, :, : size[0], : size[1]]) for size, indices in groups.items()}
+        outputs = {size: self._trunk(images[indices, :, : size[0], : size[1]]) for size, indices in groups.items()}
         height = max(out.shape[-2] for out in outputs.values())
         width = max(out.shape[-1] for out in outputs.values())
         first = next(iter(outputs.values()))
@@ -108,7 +159,73 @@ class ResNetBackbone(nn.Module):
             mask[index, : out.shape[-2], : out.shape[-1]] = False
         return FeatureMap(features=features, padding_mask=mask)
 
-    def _resnet(self, images: Tensor) -> Tensor:
+    def _trunk(self, images: Tensor) -> Tensor:
         """images [B, 3, H, W] (unpadded) -> C5 (or C4) features [B, C, ceil(H/s), ceil(W/s)]."""
         x = self.stem(images)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class ResNetBackbone(Backbone):
+    """torchvision ResNet (10/18/34/50/101; ResNet-10 is torchvision's ``ResNet`` with basic blocks [1, 1, 1, 1])
+    with FrozenBatchNorm2d (or GroupNorm to train from scratch), stride 32 (or 16 with DC5 or C4 output).
+
+    Units: stem = conv1, bn1, relu, maxpool; layer1..layer4 = torchvision's stages.
+    """
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        if backbone_family(config.name) != "resnet":
+            raise ValueError(f"ResNetBackbone needs a ResNet; model.backbone.name={config.name} (use build_backbone)")
+        net = build_torchvision_net(config)
+        if config.weights_path is not None:
+            load_backbone_weights(net, config)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self._finish(config, net.fc.in_features // 2, net.fc.in_features)
+
+
+class MobileNetV3Backbone(Backbone):
+    """torchvision MobileNetV3 (small / large) ``features``, split by stride into the five units.
+
+    Units: stem = the first conv (and blocks still at stride 2); layer1..layer4 = the blocks whose output is
+    at stride 4 / 8 / 16 / 32, layer4 ending with the final 1x1 conv (576 channels small, 960 large). C4 is the
+    last block at stride 16 (48 channels small, 112 large). Stride 16 with DC5 is not offered.
+    """
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        net = build_torchvision_net(config)
+        if config.weights_path is not None:
+            load_backbone_weights(net, config)
+        units: list[list[nn.Module]] = [[], [], [], [], []]
+        stride = 1
+        for block in net.features:
+            stride *= _block_stride(block)
+            units[int(math.log2(stride)) - 1].append(block)
+        self.stem, self.layer1, self.layer2, self.layer3, self.layer4 = (nn.Sequential(*unit) for unit in units)
+        self._finish(config, _last_out_channels(self.layer3), _last_out_channels(self.layer4))
+
+
+class RegNetBackbone(Backbone):
+    """torchvision RegNet (X / Y 400MF): stem = ``stem`` (stride 2), layer1..layer4 = ``trunk_output``'s
+    block1..block4 (stride 4 / 8 / 16 / 32). C4 = block3's output."""
+
+    def __init__(self, config: BackboneConfig) -> None:
+        super().__init__()
+        net = build_torchvision_net(config)
+        if config.weights_path is not None:
+            load_backbone_weights(net, config)
+        trunk = net.trunk_output
+        self.stem = net.stem
+        self.layer1, self.layer2, self.layer3, self.layer4 = trunk.block1, trunk.block2, trunk.block3, trunk.block4
+        self._finish(config, _last_out_channels(self.layer3), net.fc.in_features)
+
+
+def build_backbone(config: BackboneConfig) -> Backbone:
+    """The backbone module for ``config.name`` (see :class:`Backbone` for the shared interface)."""
+    family = backbone_family(config.name)
+    if family == "resnet":
+        return ResNetBackbone(config)
+    if family == "mobilenet":
+        return MobileNetV3Backbone(config)
+    return RegNetBackbone(config)

@@ -1,8 +1,11 @@
-"""Pretrained ResNet weights for the backbone: read a local torchvision state_dict, check that it fits the
+"""Pretrained weights for the backbone: read a local torchvision state_dict, check that it fits the
 configured architecture, load it; and the rule a training job applies to ``model.backbone``.
 
-The file is a torchvision ResNet ``state_dict`` with torchvision's key names (``conv1.weight``,
-``layer1.0.bn1.running_mean``, ``fc.weight``, ...), as written by
+The file is the ``state_dict`` of torchvision's own classification model of ``model.backbone.name``, with
+torchvision's key names: ResNet ``conv1.weight``, ``layer1.0.bn1.running_mean``, ``fc.weight``, ...;
+MobileNetV3 ``features.0.0.weight``, ``features.1.block.0.0.weight``, ``classifier.0.weight``, ...; RegNet
+``stem.0.weight``, ``trunk_output.block1.block1-0.f.a.0.weight``, ``fc.weight``, ... (ResNet-10 is torchvision's
+``ResNet(BasicBlock, [1, 1, 1, 1])``, resnet18's key names with one block per stage). Such a file is written by
 ``torch.save(torchvision.models.resnet50(weights=...).state_dict(), path)`` or downloaded from the URL
 torchvision documents for its weights. ``.safetensors`` files are read with safetensors, anything else with
 ``torch.load(weights_only=True)``: never an unpickler that can run code. Nothing is downloaded here.
@@ -16,24 +19,23 @@ trains, but its numbers mean nothing next to the paper's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import resnet
-from torchvision.ops.misc import FrozenBatchNorm2d
 
-from sd_detr.config import BackboneConfig, ModelConfig
+from sd_detr.config import BackboneConfig, ModelConfig, backbone_family
 
 SHOWN_KEYS = 5
 """How many missing / unexpected / mismatched keys an error names."""
 
-_HEAD_PREFIX = "fc."  # ImageNet classifier: in torchvision's files, never used by the detector
+_HEAD_PREFIXES = {"resnet": "fc.", "regnet": "fc.", "mobilenet": "classifier."}
+"""ImageNet classifier of each family: in torchvision's files, never used by the detector."""
 
 
 class BackboneWeightsError(ValueError):
-    """A backbone weights file that cannot be read or does not fit the configured ResNet."""
+    """A backbone weights file that cannot be read or does not fit the configured backbone."""
 
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:
@@ -57,7 +59,7 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
     except Exception as error:  # corrupt file, or pickled objects that weights_only refuses
         raise BackboneWeightsError(
             f"model.backbone.weights_path {path} is not a readable state_dict ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''}); expected a torchvision ResNet state_dict saved "
+            f"{str(error).splitlines()[0] if str(error) else ''}); expected a torchvision state_dict saved "
             "with torch.save(model.state_dict(), path) or a .safetensors file"
         ) from None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
@@ -65,20 +67,20 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
         keys = list(state)[:SHOWN_KEYS] if isinstance(state, Mapping) else []
         raise BackboneWeightsError(
             f"model.backbone.weights_path {path} holds a {kind} (keys {keys}), not a flat state_dict of tensors; "
-            "save the ResNet's own model.state_dict() (torchvision key names, no wrapper dict)"
+            "save the torchvision model's own model.state_dict() (torchvision key names, no wrapper dict)"
         )
     return dict(state)
 
 
-def _norm_layer(config: BackboneConfig) -> Callable[[int], nn.Module]:
-    from sd_detr.backbone import _group_norm  # one definition of the from-scratch norm (import cycle otherwise)
+def _build_net(config: BackboneConfig) -> nn.Module:
+    from sd_detr.backbone import build_torchvision_net  # one definition of the networks (import cycle otherwise)
 
-    return FrozenBatchNorm2d if config.norm == "frozen_batchnorm" else _group_norm
+    return build_torchvision_net(config)
 
 
-def _expected_shapes(net: nn.Module) -> dict[str, torch.Size]:
+def _expected_shapes(net: nn.Module, head_prefix: str) -> dict[str, torch.Size]:
     """Key -> shape of every parameter/buffer of ``net`` that a weights file must provide (no classifier)."""
-    return {k: v.shape for k, v in net.state_dict().items() if not k.startswith(_HEAD_PREFIX)}
+    return {k: v.shape for k, v in net.state_dict().items() if not k.startswith(head_prefix)}
 
 
 def _fit(config: BackboneConfig, path: Path, state: dict[str, Tensor], expected: dict[str, torch.Size]) -> dict:
@@ -87,10 +89,11 @@ def _fit(config: BackboneConfig, path: Path, state: dict[str, Tensor], expected:
     Raises:
         BackboneWeightsError: naming the path and the first missing, unexpected and wrong-shape keys.
     """
+    head_prefix = _HEAD_PREFIXES[backbone_family(config.name)]
     state = {
         k: v
         for k, v in state.items()
-        if not k.startswith(_HEAD_PREFIX) and not (k.endswith(".num_batches_tracked") and k not in expected)
+        if not k.startswith(head_prefix) and not (k.endswith(".num_batches_tracked") and k not in expected)
     }
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -112,7 +115,7 @@ def _fit(config: BackboneConfig, path: Path, state: dict[str, Tensor], expected:
                 "group_norm: use norm=frozen_batchnorm with ImageNet weights"
             )
         elif mismatched or (missing and unexpected):
-            hint = f"; the file looks like another ResNet depth than model.backbone.name={config.name}"
+            hint = f"; the file looks like another model than model.backbone.name={config.name}"
         raise BackboneWeightsError(
             f"model.backbone.weights_path {path} does not fit a torchvision {config.name} "
             f"(norm={config.norm}): {'; '.join(problems)}{hint}"
@@ -120,34 +123,37 @@ def _fit(config: BackboneConfig, path: Path, state: dict[str, Tensor], expected:
     return state
 
 
-def load_backbone_weights(net: resnet.ResNet, config: BackboneConfig) -> None:
-    """Load ``config.weights_path`` into the torchvision ResNet ``net`` built for ``config`` (in place).
+def load_backbone_weights(net: nn.Module, config: BackboneConfig) -> None:
+    """Load ``config.weights_path`` into the torchvision network ``net`` built for ``config`` (in place).
 
-    The classifier (``fc.*``) is ignored; every other parameter and buffer must be in the file with its shape.
+    The classifier (``fc.*``; MobileNetV3 ``classifier.*``) is ignored; every other parameter and buffer must be in the file with its shape.
 
     Raises:
         FileNotFoundError, BackboneWeightsError: see :func:`read_state_dict` and :func:`check_backbone_weights`.
     """
     if config.weights_path is None:
         raise ValueError("load_backbone_weights needs model.backbone.weights_path")
-    state = _fit(config, config.weights_path, read_state_dict(config.weights_path), _expected_shapes(net))
+    expected = _expected_shapes(net, _HEAD_PREFIXES[backbone_family(config.name)])
+    state = _fit(config, config.weights_path, read_state_dict(config.weights_path), expected)
     net.load_state_dict(state, strict=False)  # strict on everything but the classifier, checked above
 
 
 def check_backbone_weights(config: BackboneConfig) -> None:
     """Check, without building the network, that ``config.weights_path`` exists, reads as a state_dict and fits
-    the configured ResNet (name, norm, dilation). Cheap enough for a driver to run before it starts a cluster.
+    the configured network (name, norm, dilation). Cheap enough for a driver to run before it starts a cluster.
 
     Raises:
         FileNotFoundError, BackboneWeightsError: with the path and the first offending keys.
     """
     if config.weights_path is None:
         return
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        net = getattr(resnet, config.name)(
-            weights=None, norm_layer=_norm_layer(config), replace_stride_with_dilation=[False, False, config.dilation]
-        )
-    _fit(config, config.weights_path, read_state_dict(config.weights_path), _expected_shapes(net))
+    if backbone_family(config.name) == "regnet":  # its block widths are computed with tensor ops: not on meta
+        net = _build_net(config)  # 400MF: a few million parameters, cheap to initialise
+    else:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            net = _build_net(config)
+    expected = _expected_shapes(net, _HEAD_PREFIXES[backbone_family(config.name)])
+    _fit(config, config.weights_path, read_state_dict(config.weights_path), expected)
 
 
 def require_backbone_init(config: BackboneConfig) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from sd_detr.attention import ConditionalCrossAttention, DecoderSelfAttention, EncoderSelfAttention
-from sd_detr.backbone import ResNetBackbone
+from sd_detr.backbone import build_backbone
 from sd_detr.conditional_decoder import ConditionalDetrDecoding
 from sd_detr.config import ModelConfig
 from sd_detr.heads import DecoderOutput, Predictions
@@ -61,7 +61,7 @@ class Detector(nn.Module):
         super().__init__()
         self.config = config
         d = config.transformer.d_model
-        self.backbone = ResNetBackbone(config.backbone)
+        self.backbone = build_backbone(config.backbone)
         self.input_proj = nn.Conv2d(self.backbone.num_channels, d, kernel_size=1)
         self.position = SinePositionEmbedding2d(d)
         t = config.transformer
