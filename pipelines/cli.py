@@ -4,14 +4,16 @@ validated by pydantic before anything else runs; user errors exit with code 2 an
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import yaml
 from pydantic import BaseModel, ValidationError
 
-from sd_detr.config import error_location, load_config
+from sd_detr.config import apply_overrides, deep_merge, error_location, read_config_file
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -22,7 +24,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, default: Path | None) 
         "--config",
         action="append",
         type=Path,
-        help=f"YAML/JSON config file; repeat to layer files (default: {default})",
+        help="YAML/JSON config file; repeat to layer files" + (f" (default: {default})" if default else ""),
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a field")
 
@@ -39,18 +41,66 @@ def format_validation_error(error: ValidationError) -> str:
     return "invalid config:\n" + "\n".join(lines)
 
 
+def _parse_problem(error: Exception) -> str:
+    """One line saying where and why YAML/JSON text does not parse (PyYAML's messages span several lines)."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        return f"{error.problem or error.context} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(error).split())
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    """``read_config_file``, with a config file that does not parse reported as ``ValueError`` on one line."""
+    try:
+        return read_config_file(path)
+    except (yaml.YAMLError, json.JSONDecodeError) as error:
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ValueError(f"{path} is not valid {kind}: {_parse_problem(error)}") from None
+
+
+def _apply_set(data: dict[str, Any], override: str) -> dict[str, Any]:
+    """One ``--set`` override laid over ``data``, a value that does not parse reported as one ``ValueError`` line."""
+    try:
+        return apply_overrides(data, [override])
+    except yaml.YAMLError as error:
+        raise ValueError(f"--set {override!r}: value is not valid YAML: {_parse_problem(error)}") from None
+
+
 def load_or_exit(
-    cls: type[ConfigT], paths: Sequence[Path] | None, overrides: Sequence[str], default: Path | None
+    cls: type[ConfigT],
+    paths: Sequence[Path] | None,
+    overrides: Sequence[str],
+    default: Path | None,
+    fields: Mapping[str, Any] | None = None,
 ) -> ConfigT:
-    """Load and validate the config, or print why not and exit with status 2."""
+    """Load and validate the config, or print why not and exit with status 2.
+
+    Layers, later winning: the config files (``default`` when none is given), ``fields`` (what a script's own
+    flags set, e.g. ``--model``), then the ``key.path=value`` overrides. A file or value that does not parse,
+    a missing file and an invalid field all exit 2 with a short message.
+    """
     files = list(paths) if paths else ([default] if default is not None else [])
     try:
-        return load_config(cls, files, overrides)
+        data: dict[str, Any] = {}
+        for path in files:
+            data = deep_merge(data, _read_file(Path(path)))
+        data = deep_merge(data, dict(fields or {}))
+        data = apply_overrides(data, ())  # a JSON-shaped copy, as sd_detr.config.load_config validates
+        for override in overrides:
+            data = _apply_set(data, override)
+        return cls.model_validate(data)
     except ValidationError as error:
         fail(format_validation_error(error))
     except (FileNotFoundError, ValueError) as error:
         fail(f"invalid config: {error}")
     raise AssertionError("unreachable")
+
+
+def flag_fields(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
+    """The config fields a script's flags set: ``{name: value}`` for each of ``names`` given on the command
+    line (``None``, argparse's default for a flag not given, leaves the field to the config files/defaults)."""
+    values = vars(args)
+    return {name: values[name] for name in names if values.get(name) is not None}
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -28,6 +28,7 @@ from sd_detr.diagnostics import attention_figures, score_iou_alignment, targets_
 from sd_detr.engine import predict
 from sd_detr.evaluation import COCO_STAT_NAMES, CocoEvaluator, coco_from_dict
 from sd_detr.model import Detector
+from sd_detr.names import VAL_CORRUPT_IMAGES, VAL_IMAGES, VAL_PREDICT_SECONDS, VAL_SECONDS, val_metric
 
 KeptImage = tuple[torch.Tensor, dict, dict]
 """(image [3, h, w] normalized, cropped to its unpadded size; target; detection) of a drawn val image."""
@@ -92,7 +93,7 @@ class Evaluation:
 
     def coco_stats(self) -> dict[str, float]:
         """The 12 COCO statistics (``AP``, ``AP50``, ... ``ARl``)."""
-        return {name: self.metrics[f"val_{name}"] for name in COCO_STAT_NAMES}
+        return {name: self.metrics[val_metric(name)] for name in COCO_STAT_NAMES}
 
 
 def ground_truth_coco(dataset_dir: Path | str) -> COCO:
@@ -150,10 +151,10 @@ def score(images: list[ImageDetections], ground_truth: COCO) -> tuple[dict[str, 
     """COCO statistics and score-IoU diagnostics of gathered detections (``val_``-prefixed metrics)."""
     evaluator = CocoEvaluator(ground_truth)
     evaluator.update([image.image_id for image in images], [image.detection() for image in images])
-    metrics = {f"val_{k}": v for k, v in evaluator.summarize().items()}
+    metrics = {val_metric(k): v for k, v in evaluator.summarize().items()}
     alignment = score_iou_alignment([image.detection() for image in images], [image.truth() for image in images])
-    metrics |= {f"val_{k}": v for k, v in alignment.items() if k.startswith(("score_iou", "best_regressed"))}
-    metrics["val_images"] = float(len(set(evaluator.image_ids)))
+    metrics |= {val_metric(k): v for k, v in alignment.items() if k.startswith(("score_iou", "best_regressed"))}
+    metrics[VAL_IMAGES] = float(len(set(evaluator.image_ids)))
     return metrics, evaluator
 
 
@@ -190,8 +191,8 @@ def evaluate(
         raise ValueError("rank 0 needs the val ground truth to evaluate")
     images = [image for part in gathered for image in part.images]
     metrics, evaluator = score(images, ground_truth)
-    metrics["val_corrupt_images"] = float(sum(part.corrupt for part in gathered))
-    metrics["val_predict_seconds"] = max(part.seconds for part in gathered)
-    metrics["val_seconds"] = time.perf_counter() - started
+    metrics[VAL_CORRUPT_IMAGES] = float(sum(part.corrupt for part in gathered))
+    metrics[VAL_PREDICT_SECONDS] = max(part.seconds for part in gathered)
+    metrics[VAL_SECONDS] = time.perf_counter() - started
     kept = [item for part in gathered for item in part.kept][:keep_images]
     return Evaluation(metrics, evaluator, kept, share.attention)

@@ -2,6 +2,10 @@
 
     python pipelines/evaluate.py --model models:/sd-detr-synthetic@champion --data data/synthetic/val
     python pipelines/evaluate.py --model ray_results/sd-detr-synthetic/checkpoint_... --data DIR --out stats.json
+    python pipelines/evaluate.py --config eval.yaml --set batch_size=16
+
+Options are the fields of `EvaluateConfig`, read like `pipelines/train.py`'s: `--config FILE` (repeatable),
+then the flags below (each sets the field of its name), then `--set field=value` overrides.
 
 The ground truth is the cleaned annotations stored beside the shards (`_ground_truth.json`), never the source
 json. Detections are scored by the same code as training-time evaluation (`pipelines.distributed_eval`, here
@@ -15,9 +19,9 @@ import json
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.cli import fail, format_validation_error
+from pipelines.cli import add_config_arguments, fail, flag_fields, load_or_exit
 from pipelines.distributed_eval import Evaluation, evaluate, ground_truth_coco
 from pipelines.inference import LoadedModel, load_model
 from sd_detr.data.config import LoaderConfig
@@ -60,16 +64,15 @@ def evaluate_model(loaded: LoadedModel, data: Path, batch_size: int = 8) -> dict
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--out")
-    parser.add_argument("--tracking-uri")
+    add_config_arguments(parser, None)
+    parser.add_argument("--model", help="sets model (required here or in a config)")
+    parser.add_argument("--data", help="sets data (required here or in a config)")
+    parser.add_argument("--batch-size", type=int, help="sets batch_size (default 8)")
+    parser.add_argument("--out", help="sets out")
+    parser.add_argument("--tracking-uri", help="sets tracking_uri")
     args = parser.parse_args(argv)
-    try:
-        cfg = EvaluateConfig.model_validate({k: v for k, v in vars(args).items() if v is not None})
-    except ValidationError as error:
-        fail(format_validation_error(error))
+    fields = flag_fields(args, [name for name in EvaluateConfig.model_fields if name in vars(args)])
+    cfg = load_or_exit(EvaluateConfig, args.config, args.set, None, fields)
     try:
         stats = evaluate_model(load_model(cfg.model, cfg.tracking_uri), cfg.data, cfg.batch_size)
     except (FileNotFoundError, ValueError) as error:

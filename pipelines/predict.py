@@ -2,6 +2,10 @@
 
     python pipelines/predict.py --model models:/sd-detr-synthetic@champion --images photos/ --out detections.json
     python pipelines/predict.py --model models:/sd-detr-synthetic/3 --images a.jpg b.png --out d.json --draw drawn/
+    python pipelines/predict.py --config predict.yaml --set score_threshold=0.3
+
+Options are the fields of `PredictConfig`, read like `pipelines/train.py`'s: `--config FILE` (repeatable),
+then the flags below (each sets the field of its name), then `--set field=value` overrides.
 
 Writes COCO-results JSON (``image_id`` = position in the sorted input list, ``file_name`` added) and,
 with ``--draw``, PNGs with the boxes drawn (after the JSON is written, so a drawing failure loses no
@@ -22,11 +26,11 @@ import logging
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
-from pipelines.cli import fail, format_validation_error
+from pipelines.cli import add_config_arguments, fail, flag_fields, load_or_exit
 from pipelines.inference import LoadedModel, Predictor, list_images, load_model
 from sd_detr.box_ops import xyxy_to_xywh
 from sd_detr.data.samples import decode_image
@@ -143,20 +147,19 @@ def run(cfg: PredictConfig) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--images", nargs="+", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--draw")
-    parser.add_argument("--score-threshold", type=float, default=0.0)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--ray-min-images", type=int, default=256)
-    parser.add_argument("--tracking-uri")
+    add_config_arguments(parser, None)
+    parser.add_argument("--model", help="sets model (required here or in a config)")
+    parser.add_argument("--images", nargs="+", help="sets images (required here or in a config)")
+    parser.add_argument("--out", help="sets out (required here or in a config)")
+    parser.add_argument("--draw", help="sets draw")
+    parser.add_argument("--score-threshold", type=float, help="sets score_threshold (default 0.0)")
+    parser.add_argument("--batch-size", type=int, help="sets batch_size (default 8)")
+    parser.add_argument("--ray-min-images", type=int, help="sets ray_min_images (default 256)")
+    parser.add_argument("--tracking-uri", help="sets tracking_uri")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = PredictConfig.model_validate({k: v for k, v in vars(args).items() if v is not None})
-    except ValidationError as error:
-        fail(format_validation_error(error))
+    fields = flag_fields(args, [name for name in PredictConfig.model_fields if name in vars(args)])
+    cfg = load_or_exit(PredictConfig, args.config, args.set, None, fields)
     try:
         run(cfg)
     except (FileNotFoundError, ValueError) as error:

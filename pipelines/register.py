@@ -27,6 +27,7 @@ from pipelines.checkpoint import CHECKPOINT_FILE, checkpoint_config_json, checkp
 from pipelines.cli import add_config_arguments, fail, load_or_exit
 from pipelines.config import TrainJobConfig
 from pipelines.metrics_outbox import RunStorage, TrackingOutbox, bound_http_retries
+from pipelines.tags import REGISTERED_CHECKPOINT_TAG, REGISTERED_VERSION_TAG
 from pipelines.tracking import (
     TrackingUnavailableError,
     check_reachable,
@@ -37,10 +38,10 @@ from pipelines.tracking import (
 )
 from pipelines.training import TRACKING_FILE, PreparedRun, register_checkpoint_dir
 from sd_detr.config import flatten_config
+from sd_detr.names import VAL_AP
 
 logger = logging.getLogger("pipelines.register")
 
-REGISTERED_CHECKPOINT_TAG = "sd_detr.registered_checkpoint"
 FAILED_MIDWAY_EXIT_CODE = 3
 
 
@@ -101,11 +102,11 @@ def main(argv: list[str] | None = None) -> None:
             raise ConnectionError(outbox.last_error)
         if not args.no_register:
             tags = client.get_run(run_id).data.tags
-            if tags.get(REGISTERED_CHECKPOINT_TAG) == checkpoint.name and tags.get("sd_detr.registered_version"):
+            if tags.get(REGISTERED_CHECKPOINT_TAG) == checkpoint.name and tags.get(REGISTERED_VERSION_TAG):
                 logger.info("%s is already registered as version %s", checkpoint.name,
-                            tags["sd_detr.registered_version"])  # fmt: skip
+                            tags[REGISTERED_VERSION_TAG])  # fmt: skip
             else:
-                val_ap = checkpoint_metrics(checkpoint).get("val_AP")
+                val_ap = checkpoint_metrics(checkpoint).get(VAL_AP)
                 if val_ap is None:
                     fail(f"{checkpoint} has no val_AP in its metrics.json: cannot compare it with the champion")
                 prepared = PreparedRun(cfg, uri, experiment_id, run_id, resumed=True)

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
+from sd_detr.box_ops import cxcywh_to_pixel_xyxy, size_scale
 from sd_detr.diagnostics import save_png
 from sd_detr.evaluation import CocoEvaluator
 
@@ -53,11 +54,9 @@ def draw_predictions(image: torch.Tensor, target: dict, detection: dict, mean, s
     pixels = image[:, :height, :width] * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     pixels = (pixels.clamp(0, 1) * 255).to(torch.uint8)
     orig_h, orig_w = (float(v) for v in target["orig_size"].tolist())
-    scale = torch.tensor([width / orig_w, height / orig_h, width / orig_w, height / orig_h])
-    cx, cy, w, h = (target["boxes"] * torch.tensor([width, height, width, height])).unbind(-1)
-    truth = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+    truth = cxcywh_to_pixel_xyxy(target["boxes"], height, width)
     keep = detection["scores"] > SCORE_THRESHOLD
-    predicted = detection["boxes"][keep] * scale
+    predicted = detection["boxes"][keep] * size_scale(height / orig_h, width / orig_w)
     labels = [f"{int(c)}:{s:.2f}" for c, s in zip(detection["labels"][keep], detection["scores"][keep], strict=True)]
     pixels = draw_bounding_boxes(pixels, truth, colors="lime", width=1)
     return draw_bounding_boxes(pixels, predicted, labels=labels, colors="red", width=1)

@@ -23,8 +23,7 @@ from mlflow.tracking._model_registry import utils as registry_utils
 from mlflow.tracking._tracking_service import utils as tracking_utils
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-RUN_NAME_TAG = "sd_detr.run_name"
-AP_TAG = "val_AP"
+from pipelines.tags import AP_TAG, PARENT_RUN_ID_TAG, REGISTERED_VERSION_TAG, RESUMED_TAG, RUN_NAME_TAG
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +83,11 @@ def start_or_resume_run(
     existing = find_run(client, experiment_id, run_name)
     if existing is not None:
         client.update_run(existing, status="RUNNING")
-        client.set_tag(existing, "sd_detr.resumed", "true")
+        client.set_tag(existing, RESUMED_TAG, "true")
         return existing, True
     tags = {RUN_NAME_TAG: run_name}
     if parent_run_id is not None:
-        tags["mlflow.parentRunId"] = parent_run_id
+        tags[PARENT_RUN_ID_TAG] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     items = [Param(key, value[:6000]) for key, value in params.items()]
     for start in range(0, len(items), 100):
@@ -212,7 +211,7 @@ def register_model(
         info = log_pyfunc_model(artifact_paths, input_image, registered_model_name=model_name, metadata=metadata)
     version = str(info.registered_model_version)
     client.set_model_version_tag(model_name, version, AP_TAG, f"{val_ap:.6f}")
-    client.set_tag(run_id, "sd_detr.registered_version", version)
+    client.set_tag(run_id, REGISTERED_VERSION_TAG, version)
     aliased = update_alias(client, model_name, alias, version, val_ap)
     return version, aliased
 
@@ -226,7 +225,6 @@ def log_text_artifact(client: MlflowClient, run_id: str, text: str, artifact_fil
         client.log_artifact(run_id, str(path), artifact_path=None if folder == "." else folder)
 
 
-GIT_COMMIT_TAG = "mlflow.source.git.commit"
 DATASET_DIGEST_LENGTH = 20
 
 

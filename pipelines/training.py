@@ -23,8 +23,8 @@ from pipelines.metrics_outbox import RunStorage, TrackingOutbox, bound_http_retr
 from pipelines.model_artifact import write_checkpoint_model_files
 from pipelines.ray_data import build_data_config, build_datasets
 from pipelines.run_guard import check_resume_compatible, job_lock
+from pipelines.tags import BACKBONE_INIT_TAG, GIT_COMMIT_TAG
 from pipelines.tracking import (
-    GIT_COMMIT_TAG,
     check_reachable,
     client_for,
     get_or_create_experiment,
@@ -45,10 +45,10 @@ from sd_detr.backbone_weights import (
 from sd_detr.config import flatten_config
 from sd_detr.data.builtin import ensure_synthetic_dataset
 from sd_detr.data.meta import load_ground_truth, load_meta
+from sd_detr.names import BEST_VAL_AP, VAL_AP
 
 logger = logging.getLogger(__name__)
 
-BACKBONE_INIT_TAG = "sd_detr.backbone_init"
 """Run tag: the backbone weights file, or that the backbone started from random weights."""
 TRACKING_FILE = "tracking.json"
 """In the run's storage folder: the MLflow tracking URI, experiment and run id (for `pipelines/register.py`)."""
@@ -229,7 +229,7 @@ def build_trainer(prepared: PreparedRun, callbacks: list | None = None) -> Torch
             failure_config=ray.train.FailureConfig(max_failures=cfg.training.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=cfg.training.checkpoints_to_keep,
-                checkpoint_score_attribute="val_AP",
+                checkpoint_score_attribute=VAL_AP,
                 checkpoint_score_order="max",
             ),
             callbacks=callbacks or [],
@@ -259,8 +259,8 @@ def worker_env(prepared: PreparedRun) -> dict[str, str]:
 
 def select_best_checkpoint(result: ray.train.Result) -> tuple[ray.train.Checkpoint | None, dict]:
     """The kept checkpoint with the highest val AP and its metrics, or ``(None, {})`` when none has one."""
-    scored = [(c, m) for c, m in (result.best_checkpoints or []) if m and "val_AP" in m]
-    return max(scored, key=lambda item: item[1]["val_AP"]) if scored else (None, {})
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if m and VAL_AP in m]
+    return max(scored, key=lambda item: item[1][VAL_AP]) if scored else (None, {})
 
 
 def register_checkpoint(prepared: PreparedRun, checkpoint: ray.train.Checkpoint, val_ap: float) -> tuple[str, bool]:
@@ -281,7 +281,7 @@ def register_checkpoint_dir(prepared: PreparedRun, directory: str | Path, val_ap
         )
         return register_model(
             prepared.tracking_uri, prepared.run_id, paths, example, cfg.tracking.model_name, cfg.tracking.alias,
-            val_ap, {"epoch": int(state["epoch"]), "val_AP": float(val_ap)},
+            val_ap, {"epoch": int(state["epoch"]), VAL_AP: float(val_ap)},
         )  # fmt: skip
 
 
@@ -309,7 +309,7 @@ def finish_run(prepared: PreparedRun, result: ray.train.Result) -> TrainingOutco
     returned = result.return_value or {}
     outcome = TrainingOutcome(
         run_id=prepared.run_id,
-        best_val_ap=float(best_metrics.get("val_AP", returned.get("best_val_AP", float("nan")))),
+        best_val_ap=float(best_metrics.get(VAL_AP, returned.get(BEST_VAL_AP, float("nan")))),
         best_epoch=int(best_metrics.get("epoch", returned.get("best_epoch", -1))),
         checkpoint_path=best_checkpoint.path if best_checkpoint is not None else None,
         registered_version=None,
@@ -322,7 +322,7 @@ def finish_run(prepared: PreparedRun, result: ray.train.Result) -> TrainingOutco
             raise ConnectionError(outbox.last_error)
         if register:
             outcome.registered_version, outcome.aliased = register_checkpoint(
-                prepared, best_checkpoint, float(best_metrics["val_AP"])
+                prepared, best_checkpoint, float(best_metrics[VAL_AP])
             )
         client.set_terminated(prepared.run_id, status="FINISHED")
     except Exception as error:

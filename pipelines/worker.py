@@ -46,6 +46,22 @@ from sd_detr.data.collate import DetectionBatch
 from sd_detr.data.meta import load_meta
 from sd_detr.engine import build_criterion, build_lr_scheduler, build_optimizer, train_step
 from sd_detr.model import Detector
+from sd_detr.names import (
+    BEST_VAL_AP,
+    LOSS,
+    LOSS_TERMS,
+    TRAIN_CORRUPT_IMAGES,
+    TRAIN_DATA_WAIT_S,
+    TRAIN_EPOCH_SECONDS,
+    TRAIN_FIRST_BATCH_S,
+    TRAIN_IMAGES_PER_S,
+    TRAIN_LOSS,
+    VAL_AP,
+    VAL_AP50,
+    VAL_SECONDS,
+    loss_metric,
+    train_metric,
+)  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +92,7 @@ def train_one_epoch(
     ``train_first_batch_s``, the part of it spent before the first batch (the input pipeline's start).
     ``progress`` (a test hook) is told about every finished step.
     """
-    sums = {"loss": 0.0, "loss_class": 0.0, "loss_bbox": 0.0, "loss_giou": 0.0, "loss_align": 0.0}
+    sums = {loss_metric(): 0.0} | {loss_metric(term): 0.0 for term in LOSS_TERMS}
     sums |= {"steps": 0.0, "images": 0.0, "corrupt": 0.0, "data_wait_s": 0.0, "first_batch_s": 0.0}
     started = time.perf_counter()
     estimate = steps_per_epoch
@@ -97,10 +113,10 @@ def train_one_epoch(
             cfg.optimizer.grad_clip_norm, amp_dtype, scaler,
         )  # fmt: skip
         terms = losses.final_terms()
-        sums["loss"] += float(losses.total.detach())
-        for name in ("class", "bbox", "giou", "align"):
+        sums[loss_metric()] += float(losses.total.detach())
+        for name in LOSS_TERMS:
             if name in terms:
-                sums[f"loss_{name}"] += float(terms[name])
+                sums[loss_metric(name)] += float(terms[name])
         sums["steps"] += 1
         sums["images"] += len(batch)
         if progress is not None:
@@ -111,19 +127,19 @@ def train_one_epoch(
             eta = f"{max(estimate - step - 1, 0) / rate:.0f}s" if estimate else "?"
             logger.info(
                 "[epoch %d] step %d%s loss %.3f %.1f img/s (rank 0) ETA %s",
-                epoch, step + 1, f"/{estimate}" if estimate else "", sums["loss"] / sums["steps"],
+                epoch, step + 1, f"/{estimate}" if estimate else "", sums[loss_metric()] / sums["steps"],
                 sums["images"] / elapsed, eta,
             )  # fmt: skip
     totals = sum_over_workers(sums, device)
     elapsed = time.perf_counter() - started
     steps = max(totals.pop("steps"), 1.0)
-    metrics = {f"train_{k}": v / steps for k, v in totals.items() if k.startswith("loss")}
-    metrics["train_images_per_s"] = totals["images"] / max(elapsed, 1e-9)
-    metrics["train_corrupt_images"] = totals["corrupt"]
-    metrics["train_epoch_seconds"] = elapsed
+    metrics = {train_metric(k): v / steps for k, v in totals.items() if k.startswith(LOSS)}
+    metrics[TRAIN_IMAGES_PER_S] = totals["images"] / max(elapsed, 1e-9)
+    metrics[TRAIN_CORRUPT_IMAGES] = totals["corrupt"]
+    metrics[TRAIN_EPOCH_SECONDS] = elapsed
     world_size = dist.get_world_size() if distributed() else 1
-    metrics["train_data_wait_s"] = totals["data_wait_s"] / world_size
-    metrics["train_first_batch_s"] = totals["first_batch_s"] / world_size
+    metrics[TRAIN_DATA_WAIT_S] = totals["data_wait_s"] / world_size
+    metrics[TRAIN_FIRST_BATCH_S] = totals["first_batch_s"] / world_size
     return metrics
 
 
@@ -222,13 +238,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
         checkpoint_dir = None
         if evaluation is not None:  # rank 0
             metrics |= evaluation.metrics
-            if metrics["val_AP"] > best_ap:
-                best_ap, best_epoch = metrics["val_AP"], epoch
-            metrics |= {"epoch": float(epoch), "best_val_AP": best_ap, "best_epoch": float(best_epoch)}
+            if metrics[VAL_AP] > best_ap:
+                best_ap, best_epoch = metrics[VAL_AP], epoch
+            metrics |= {"epoch": float(epoch), BEST_VAL_AP: best_ap, "best_epoch": float(best_epoch)}
             logger.info(
                 "[epoch %d] loss %.3f val AP %.4f AP50 %.4f (%.1f img/s, %.0fs, waiting for data %.0fs, eval %.0fs)",
-                epoch, metrics["train_loss"], metrics["val_AP"], metrics["val_AP50"], metrics["train_images_per_s"],
-                metrics["train_epoch_seconds"], metrics["train_data_wait_s"], metrics["val_seconds"],
+                epoch, metrics[TRAIN_LOSS], metrics[VAL_AP], metrics[VAL_AP50], metrics[TRAIN_IMAGES_PER_S],
+                metrics[TRAIN_EPOCH_SECONDS], metrics[TRAIN_DATA_WAIT_S], metrics[VAL_SECONDS],
             )  # fmt: skip
             checkpoint_dir = tempfile.mkdtemp(prefix="sd-detr-ckpt-")
             state = training_state(unwrap(model), optimizer, scheduler, scaler, epoch, best_ap, best_epoch, cfg)
@@ -251,4 +267,4 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
             outbox.flush(durable_through=registered_checkpoint_epoch(outbox.storage))
     if outbox is not None:  # the driver sends the rest after fit(), when every checkpoint is registered
         outbox.flush(durable_through=registered_checkpoint_epoch(outbox.storage))
-    return {"best_val_AP": best_ap, "best_epoch": float(best_epoch)}
+    return {BEST_VAL_AP: best_ap, "best_epoch": float(best_epoch)}

@@ -24,6 +24,21 @@ def xyxy_to_xywh(boxes: Tensor) -> Tensor:
     return box_convert(boxes, "xyxy", "xywh")
 
 
+def size_scale(height: Tensor | float, width: Tensor | float) -> Tensor:
+    """Per-coordinate multiplier ``(width, height, width, height)`` that takes normalized boxes (cxcywh or xyxy)
+    to pixels: float32 [4] for scalar sizes, [..., 4] for ``height``/``width`` tensors of shape [...]."""
+    if isinstance(height, Tensor) or isinstance(width, Tensor):
+        height, width = torch.as_tensor(height).float(), torch.as_tensor(width).float()
+        return torch.stack([width, height, width, height], dim=-1)
+    return torch.tensor([width, height, width, height], dtype=torch.float32)
+
+
+def cxcywh_to_pixel_xyxy(boxes: Tensor, height: Tensor | float, width: Tensor | float) -> Tensor:
+    """[..., 4] normalized cxcywh -> [..., 4] xyxy in pixels of an image ``height`` x ``width`` (scalars, or
+    tensors broadcasting against ``boxes[..., 0]``). Computed in fp32; not clipped to the image."""
+    return cxcywh_to_xyxy(boxes.float()) * size_scale(height, width).to(boxes.device)
+
+
 def pairwise_generalized_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """GIoU of every pair: boxes1 [N, 4] cxcywh, boxes2 [M, 4] cxcywh -> [N, M], computed in fp32."""
     return generalized_box_iou(cxcywh_to_xyxy(boxes1.float()), cxcywh_to_xyxy(boxes2.float()))

@@ -41,32 +41,70 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
-class BackboneConfig(StrictModel):
-    """ResNet backbone (torchvision), with frozen BatchNorm for ImageNet weights or GroupNorm from scratch.
+BackboneName = Literal[
+    "resnet10",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "mobilenet_v3_small",
+    "mobilenet_v3_large",
+    "regnet_x_400mf",
+    "regnet_y_400mf",
+]
 
-    Where its weights come from is explicit: ``weights_path`` names a torchvision ResNet state_dict file
+
+def backbone_family(name: str) -> Literal["resnet", "mobilenet", "regnet"]:
+    """The torchvision family of a backbone name: ``resnet``, ``mobilenet`` (MobileNetV3) or ``regnet``."""
+    if name.startswith("resnet"):
+        return "resnet"
+    if name.startswith("mobilenet_v3"):
+        return "mobilenet"
+    if name.startswith("regnet"):
+        return "regnet"
+    raise ValueError(f"model.backbone.name: unknown backbone {name!r}")
+
+
+class BackboneConfig(StrictModel):
+    """torchvision backbone (ResNet-10/18/34/50/101, MobileNetV3 small/large, RegNet X/Y 400MF), with frozen
+    BatchNorm for ImageNet weights or GroupNorm from scratch.
+
+    Every backbone is split into five units, stem and layer1..layer4 (output strides 2-4 / 4 / 8 / 16 / 32;
+    ``sd_detr.backbone``): ResNet's stem and stages, RegNet's stem and trunk blocks 1-4, MobileNetV3's
+    feature blocks grouped by output stride. ``trainable_layers`` and ``feature_level`` mean the same for all.
+
+    Where its weights come from is explicit: ``weights_path`` names a torchvision state_dict file of the family
     (``pretrained: true``, the default), or ``pretrained: false`` says the backbone starts from random
     weights. A training job accepts nothing in between (``sd_detr.backbone_weights.require_backbone_init``);
     a bare model built in code (tests, tools) may leave both unset and gets a random backbone.
     """
 
-    name: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = Field(
-        "resnet50", description="torchvision ResNet depth."
+    name: BackboneName = Field(
+        "resnet50",
+        description="torchvision backbone: resnet10 (torchvision ResNet, basic blocks [1, 1, 1, 1]) / 18 / 34 / 50 "
+        "/ 101, mobilenet_v3_small / large, regnet_x_400mf / regnet_y_400mf.",
     )
     trainable_layers: int = Field(
-        3, ge=0, le=5, description="How many of [layer4, layer3, layer2, layer1, stem] train (3 = layer2..4)."
+        3,
+        ge=0,
+        le=5,
+        description="How many of [layer4, layer3, layer2, layer1, stem] train (3 = layer2..4); for MobileNetV3 "
+        "the units are its blocks grouped by output stride 32/16/8/4/2, for RegNet trunk blocks 4..1 and stem.",
     )
-    dilation: bool = Field(False, description="DC5: dilate layer4 (stride 16 instead of 32).")
+    dilation: bool = Field(False, description="DC5: dilate layer4 (stride 16 instead of 32); ResNet-50/101 only.")
     norm: Literal["frozen_batchnorm", "group_norm"] = Field(
         "frozen_batchnorm",
-        description="frozen_batchnorm for pretrained weights (DETR); group_norm (32 groups) to train from scratch.",
+        description="frozen_batchnorm for pretrained weights (DETR); group_norm to train from scratch (32 groups, "
+        "or the largest divisor of the channels below 32 where 32 does not divide: MobileNetV3 / RegNet widths).",
     )
     feature_level: Literal["c5", "c4"] = Field(
-        "c5", description="Output of layer4 (C5, stride 32) or layer3 (C4, stride 16; layer4 dropped)."
+        "c5",
+        description="Output of layer4 (C5, stride 32) or layer3 (C4, stride 16, the last block at stride "
+        "16; layer4 dropped).",
     )
     weights_path: Path | None = Field(
         None,
-        description="Local state_dict file of the torchvision ResNet with torchvision's key names (.pth/.pt via "
+        description="Local state_dict file of the torchvision model named by `name`, with torchvision's key names (.pth/.pt via "
         "torch.load(weights_only=True), or .safetensors); never downloaded. Required by a training job unless "
         "pretrained=false.",
     )
@@ -84,8 +122,11 @@ class BackboneConfig(StrictModel):
                 f"model.backbone.weights_path ({self.weights_path}) is set but model.backbone.pretrained=false: "
                 "remove one of the two (weights are either loaded or not)"
             )
-        if self.dilation and self.name in ("resnet18", "resnet34"):
-            raise ValueError(f"backbone.dilation (DC5) needs resnet50/101; {self.name} has basic blocks")
+        if self.dilation and self.name not in ("resnet50", "resnet101"):
+            why = "has basic blocks" if backbone_family(self.name) == "resnet" else "is not a ResNet"
+            raise ValueError(
+                f"backbone.dilation (DC5) needs resnet50/101; {self.name} {why} (use feature_level=c4 for stride 16)"
+            )
         if self.dilation and self.feature_level == "c4":
             raise ValueError("backbone.dilation dilates layer4, which backbone.feature_level=c4 drops")
         return self
@@ -225,14 +266,20 @@ def parse_model_config(data: Any) -> SDDetrModelConfig | ConditionalDetrModelCon
     return _MODEL_ADAPTER.validate_python(data)
 
 
+# Sigmoid focal shape, defined once: the matcher's class cost (``matcher.focal_*``) and the classification
+# loss (``loss.focal_*``) each carry a field of these types, with the same default and bounds.
+FocalAlpha = Annotated[float, Field(0.25, ge=0.0, le=1.0, description="Focal alpha: weight of the positive class.")]
+FocalGamma = Annotated[float, Field(2.0, ge=0.0, description="Focal gamma: down-weighting of easy examples.")]
+
+
 class MatcherConfig(StrictModel):
-    """Hungarian matching cost weights (docs/method.md)."""
+    """Hungarian matching cost weights (docs/method.md); ``focal_alpha``/``focal_gamma`` shape the class cost."""
 
     class_cost: float = Field(2.0, ge=0.0, description="Weight of the focal classification cost.")
     bbox_cost: float = Field(5.0, ge=0.0, description="Weight of the L1 cost on normalized cxcywh boxes.")
     giou_cost: float = Field(2.0, ge=0.0, description="Weight of the negative-GIoU cost.")
-    focal_alpha: float = Field(0.25, ge=0.0, le=1.0, description="Focal alpha of the class cost.")
-    focal_gamma: float = Field(2.0, ge=0.0, description="Focal gamma of the class cost.")
+    focal_alpha: FocalAlpha
+    focal_gamma: FocalGamma
 
     @model_validator(mode="after")
     def _some_cost(self) -> MatcherConfig:
@@ -242,13 +289,14 @@ class MatcherConfig(StrictModel):
 
 
 class LossConfig(StrictModel):
-    """Loss weights; the total is summed over the final and every auxiliary decoder output."""
+    """Loss weights; the total is summed over the final and every auxiliary decoder output.
+    ``focal_alpha``/``focal_gamma`` shape the classification loss."""
 
     class_weight: float = Field(2.0, ge=0.0, description="Weight of the sigmoid focal loss.")
     bbox_weight: float = Field(5.0, ge=0.0, description="Weight of the L1 box loss.")
     giou_weight: float = Field(2.0, ge=0.0, description="Weight of the GIoU loss.")
-    focal_alpha: float = Field(0.25, ge=0.0, le=1.0, description="Focal loss alpha.")
-    focal_gamma: float = Field(2.0, ge=0.0, description="Focal loss gamma.")
+    focal_alpha: FocalAlpha
+    focal_gamma: FocalGamma
     aux_loss: bool = Field(True, description="Apply the losses to every decoder layer's output.")
     align_loss_weight: float = Field(
         1.0,

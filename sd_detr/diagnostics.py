@@ -21,7 +21,7 @@ from scipy import stats
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
-from sd_detr.box_ops import cxcywh_to_xyxy
+from sd_detr.box_ops import cxcywh_to_pixel_xyxy
 from sd_detr.data.config import IMAGENET_MEAN, IMAGENET_STD
 from sd_detr.model import Detector, DetectorOutput
 
@@ -38,11 +38,10 @@ def targets_to_pixel_xyxy(
     converted = []
     for target in targets:
         height, width = target["orig_size"].float().tolist()
-        scale = torch.tensor([width, height, width, height])
         labels = target["labels"].cpu()
         if label_to_category_id is not None:
             labels = label_to_category_id.cpu()[labels]
-        converted.append({"boxes": cxcywh_to_xyxy(target["boxes"].float().cpu()) * scale, "labels": labels})
+        converted.append({"boxes": cxcywh_to_pixel_xyxy(target["boxes"].cpu(), height, width), "labels": labels})
     return converted
 
 
@@ -306,8 +305,7 @@ def attention_figures(
     for index in range(images.shape[0]):
         valid_h = int((~padding_mask[index]).any(dim=1).sum())
         valid_w = int((~padding_mask[index]).any(dim=0).sum())
-        scale = torch.tensor([valid_w, valid_h, valid_w, valid_h], dtype=torch.float32)
-        boxes = cxcywh_to_xyxy(attention.outputs.boxes[index, slots[index]].float().cpu()) * scale
+        boxes = cxcywh_to_pixel_xyxy(attention.outputs.boxes[index, slots[index]].cpu(), valid_h, valid_w)
         maps = {name: value[index, slots[index]] for name, value in attention.maps.items()}
         figures.append(
             render_attention_maps(

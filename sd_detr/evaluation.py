@@ -14,7 +14,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
-from sd_detr.box_ops import xyxy_to_xywh
+from sd_detr.box_ops import size_scale, xyxy_to_xywh
 
 COCO_STAT_NAMES = (
     "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
@@ -91,8 +91,7 @@ def targets_to_coco(
         height, width = (int(v) for v in target["orig_size"].tolist())
         image_id = int(target["image_id"])
         images.append({"id": image_id, "height": height, "width": width})
-        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-        cx, cy, w, h = (target["boxes"].float().cpu() * scale).unbind(-1)
+        cx, cy, w, h = (target["boxes"].float().cpu() * size_scale(height, width)).unbind(-1)
         xywh = torch.stack([cx - w / 2, cy - h / 2, w, h], dim=-1)
         for box, label in zip(xywh.tolist(), target["labels"].tolist(), strict=True):
             annotations.append({

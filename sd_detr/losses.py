@@ -15,6 +15,7 @@ from sd_detr.box_ops import cxcywh_to_xyxy
 from sd_detr.config import LossConfig
 from sd_detr.heads import Predictions
 from sd_detr.matcher import Assignment, HungarianMatcher
+from sd_detr.names import ALIGN_TERM, BBOX_TERM, CLASS_TERM, ENCODER_OUTPUT, GIOU_TERM, layer_index, layer_key
 
 
 @dataclass
@@ -27,8 +28,8 @@ class LossOutput:
 
     def final_terms(self) -> dict[str, Tensor]:
         """Unweighted terms of the last decoder layer."""
-        layers = [name for name in self.per_output if name.startswith("layer_")]
-        return self.per_output[max(layers, key=lambda name: int(name.removeprefix("layer_")))]
+        layers = [name for name in self.per_output if layer_index(name) is not None]
+        return self.per_output[max(layers, key=layer_index)]
 
 
 def _matched(assignments: list[Assignment]) -> tuple[Tensor, Tensor]:
@@ -148,16 +149,16 @@ class SetCriterion(nn.Module):
         target_boxes = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, assignments, strict=True)]).to(boxes)
         l1, giou = box_losses(matched_boxes, target_boxes, num_boxes)
         terms = {
-            "class": focal_loss(logits, onehot, num_boxes, cfg.focal_alpha, cfg.focal_gamma, valid),
-            "bbox": l1,
-            "giou": giou,
+            CLASS_TERM: focal_loss(logits, onehot, num_boxes, cfg.focal_alpha, cfg.focal_gamma, valid),
+            BBOX_TERM: l1,
+            GIOU_TERM: giou,
         }
         if with_alignment:
             matched_iou = torch.zeros(boxes.shape[:2], device=boxes.device)
             if len(pred):
                 iou = box_iou(cxcywh_to_xyxy(matched_boxes), cxcywh_to_xyxy(target_boxes)).diagonal()
                 matched_iou[batch, pred] = iou.detach()
-            terms["align"] = alignment_loss(
+            terms[ALIGN_TERM] = alignment_loss(
                 logits, onehot, matched_iou, num_boxes, cfg.align_alpha, cfg.align_beta, cfg.align_gamma, valid
             )
         return terms
@@ -191,10 +192,10 @@ class SetCriterion(nn.Module):
         """Combine one output's terms with the configured weights."""
         cfg = self.config
         weights = {
-            "class": cfg.class_weight,
-            "bbox": cfg.bbox_weight,
-            "giou": cfg.giou_weight,
-            "align": cfg.align_loss_weight,
+            CLASS_TERM: cfg.class_weight,
+            BBOX_TERM: cfg.bbox_weight,
+            GIOU_TERM: cfg.giou_weight,
+            ALIGN_TERM: cfg.align_loss_weight,
         }
         return sum(weights[name] * value for name, value in terms.items())
 
@@ -212,9 +213,9 @@ class SetCriterion(nn.Module):
             with_alignment = self.config.align_loss_weight > 0
             count = len(decoder_layers)
             used = range(count) if self.config.aux_loss else [count - 1]
-            outputs = {f"layer_{i}": (decoder_layers[i], with_alignment) for i in used}
+            outputs = {layer_key(i): (decoder_layers[i], with_alignment) for i in used}
             if encoder is not None:
-                outputs["encoder"] = (encoder, False)
+                outputs[ENCODER_OUTPUT] = (encoder, False)
             assignments = self.match_all({name: prediction for name, (prediction, _) in outputs.items()}, targets)
             total = torch.zeros((), device=device)
             per_output: dict[str, dict[str, Tensor]] = {}

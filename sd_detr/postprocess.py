@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from sd_detr.box_ops import cxcywh_to_xyxy
+from sd_detr.box_ops import cxcywh_to_xyxy, size_scale
 
 
 @torch.no_grad()
@@ -30,8 +30,7 @@ def postprocess(
     slots = torch.div(top_index, num_classes, rounding_mode="floor")
     labels = top_index % num_classes
     xyxy = cxcywh_to_xyxy(boxes.float()).gather(1, slots[..., None].expand(-1, -1, 4))
-    height, width = orig_sizes.float().unbind(1)
-    scale = torch.stack([width, height, width, height], dim=1)[:, None, :]
+    scale = size_scale(orig_sizes[:, 0], orig_sizes[:, 1])[:, None, :]
     xyxy = (xyxy * scale).clamp(min=0)
     xyxy = torch.minimum(xyxy, scale)
     if label_to_category_id is not None:

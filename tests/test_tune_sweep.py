@@ -68,16 +68,20 @@ def test_sweep_of_a_baseline_config_exits_before_ray_starts(tmp_path, capsys) ->
     assert not storage.exists()
 
 
-def test_sweep_of_the_paper_config_without_weights_exits_before_ray_starts(tmp_path, capsys) -> None:
-    import ray
+def test_sweep_of_the_paper_config_without_weights_exits_before_ray_starts(tmp_path, capsys, monkeypatch) -> None:
+    import tune.sweep
 
+    def forbidden(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the sweep went past its checks to Ray")
+
+    monkeypatch.setattr(tune.sweep, "ensure_ray", forbidden)  # whether this session already runs Ray does not matter
     storage = tmp_path / "ray_results"
     paper = ["--config", str(REPO / "configs" / "coco_r50.yaml"), "--config", str(REPO / "tune" / "sweep.yaml")]
     with pytest.raises(SystemExit) as stop:
         main([*paper, "--set", f"training.storage_path={storage}", "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"])  # fmt: skip
     assert stop.value.code == 2
     assert "model.backbone.weights_path" in capsys.readouterr().err
-    assert not storage.exists() and not (tmp_path / "m.db").exists() and not ray.is_initialized()
+    assert not storage.exists() and not (tmp_path / "m.db").exists()
 
 
 def test_search_space_grid_and_random() -> None:

@@ -19,10 +19,11 @@ from pydantic import Field, ValidationError, model_validator
 
 from pipelines.config import RUN_NAME_PATTERN, TrainJobConfig
 from sd_detr.config import StrictModel, apply_overrides, error_location
+from sd_detr.names import VAL_AP
 
 ALIGN_PATH = "loss.align_loss_weight"
 SPLIT_PATH = "model.query_split"
-METRIC = "val_AP"
+METRIC = VAL_AP
 TIME_ATTR = "epochs_done"
 """ASHA's time attribute: epochs completed (1-based), added to every Tune result by the trial."""
 

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from matplotlib.figure import Figure
 
+from sd_detr.names import BEST_VAL_AP, VAL_AP
 from tune.config import ALIGN_PATH, SPLIT_PATH, TIME_ATTR, SweepConfig, build_trial_config
 from tune.trial import trial_run_name
 
@@ -55,8 +56,8 @@ def trial_row(
         params=dict(params),
         status=status,
         epochs_done=epochs_done,
-        best_val_ap=float(metrics.get("best_val_AP", math.nan)),
-        last_val_ap=float(metrics.get("val_AP", math.nan)),
+        best_val_ap=float(metrics.get(BEST_VAL_AP, math.nan)),
+        last_val_ap=float(metrics.get(VAL_AP, math.nan)),
         best_epoch=int(metrics.get("best_epoch", -1)),
         error=None if error is None else f"{type(error).__name__}: {str(error)[:200]}",
     )
@@ -119,7 +120,7 @@ def csv_table(rows: list[TrialRow]) -> str:
     keys = [ALIGN_PATH, SPLIT_PATH, *sorted({k for r in rows for k in r.params} - {ALIGN_PATH, SPLIT_PATH})]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["trial_id", "run_name", *keys, "status", "epochs_done", "best_val_AP", "last_val_AP",
+    writer.writerow(["trial_id", "run_name", *keys, "status", "epochs_done", BEST_VAL_AP, f"last_{VAL_AP}",
                      "best_epoch", "error"])  # fmt: skip
     for r in rows:
         writer.writerow([r.trial_id, r.run_name, *(r.params.get(k) for k in keys), r.status, r.epochs_done,

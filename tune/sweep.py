@@ -16,6 +16,7 @@ their last checkpoint.
 from __future__ import annotations
 
 import argparse
+import logging
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,8 +31,17 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from pipelines.cli import add_config_arguments, fail, load_or_exit
 from pipelines.config import DEFAULT_CONFIG, TrainJobConfig
-from pipelines.tracking import (
+from pipelines.metrics_outbox import RunStorage, TrackingOutbox, registered_checkpoint_epoch
+from pipelines.tags import (
+    BEST_PARAMS_TAG,
+    BEST_RUN_ID_TAG,
+    OUTCOME_TAG,
+    PARENT_RUN_ID_TAG,
+    REGISTERED_VERSION_TAG,
     RUN_NAME_TAG,
+    SWEEP_TAG,
+)  # fmt: skip
+from pipelines.tracking import (
     TrackingUnavailableError,
     check_reachable,
     client_for,
@@ -53,6 +63,7 @@ from pipelines.training import (
     select_best_checkpoint,
 )
 from sd_detr.config import flatten_config
+from sd_detr.names import BEST_VAL_AP, VAL_AP
 from tune.cluster import check_sweep_fits, release_orphaned_placement_groups
 from tune.config import ALIGN_PATH, METRIC, SPLIT_PATH, TIME_ATTR, SweepConfig, build_trial_config
 from tune.report import (
@@ -68,8 +79,9 @@ from tune.report import (
 )
 from tune.trial import TrialSetup, run_trial
 
+logger = logging.getLogger(__name__)
+
 SWEEP_CONFIG = Path(__file__).resolve().parent / "sweep.yaml"
-OUTCOME_TAG = "sd_detr.tune.outcome"
 # What a resumed sweep must keep: its search space and what defines a trial (model, loss, recipe).
 FIXED_PARAM_PREFIXES = ("sweep.align_loss_weight.", "sweep.query_split.", "sweep.extra.", "sweep.search",
                         "sweep.num_samples", "sweep.seed", "model.", "matcher.", "loss.", "optimizer.")  # fmt: skip
@@ -178,9 +190,15 @@ def _ended_trials(experiment_path: str) -> set[str]:
     return {trial.trial_id for trial in analysis.trials if trial.status in ("TERMINATED", "ERROR")}
 
 
-def _close_child_runs(client: MlflowClient, experiment_id: str, rows: list[TrialRow]) -> dict[str, str]:
+def _close_child_runs(
+    client: MlflowClient, experiment_id: str, rows: list[TrialRow], storage_path: str
+) -> dict[str, str]:
     """Set each trial's MLflow run status from the Tune outcome (a trial stopped by ASHA was killed before it
-    could close its run) and log its final AP. Returns trial id -> run id."""
+    could close its run) and log its final AP. Returns trial id -> run id.
+
+    A trial's worker sends an epoch's metrics only once Ray Train has registered that epoch's checkpoint, so a
+    trial that ASHA stopped right after a report leaves that epoch in its outbox (in its storage folder):
+    it is sent here, for every epoch whose checkpoint was registered."""
     run_ids = {}
     status = {"finished": "FINISHED", "stopped": "KILLED", "error": "FAILED"}
     for row in rows:
@@ -188,6 +206,11 @@ def _close_child_runs(client: MlflowClient, experiment_id: str, rows: list[Trial
         if run_id is None:  # the trial failed before creating its run
             continue
         run_ids[row.trial_id] = run_id
+        storage = RunStorage(storage_path, row.run_name)
+        outbox = TrackingOutbox.open(client, run_id, storage)
+        outbox.flush(durable_through=registered_checkpoint_epoch(storage))
+        if outbox.last_error is not None:
+            logger.warning("trial %s: not sent to MLflow (%s): %s", row.trial_id, outbox.last_error, outbox.describe())
         run = client.get_run(run_id)
         client.set_tag(run_id, OUTCOME_TAG, "stopped_by_asha" if row.status == "stopped" else row.status)
         if "final_val_AP" not in run.data.metrics:  # a rerun of a finished sweep logs nothing twice
@@ -200,7 +223,7 @@ def _close_child_runs(client: MlflowClient, experiment_id: str, rows: list[Trial
 
 def _close_interrupted(client: MlflowClient, experiment_id: str, parent_run_id: str) -> None:
     """Mark the runs a Ctrl+C cut short (parent and running trials) KILLED; resuming sets them RUNNING again."""
-    for run in client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'"):
+    for run in client.search_runs([experiment_id], f"tags.`{PARENT_RUN_ID_TAG}` = '{parent_run_id}'"):
         if run.info.status == "RUNNING":
             client.set_tag(run.info.run_id, OUTCOME_TAG, "interrupted")
             client.set_terminated(run.info.run_id, status="KILLED")
@@ -214,7 +237,7 @@ def _register_best(
     """Register the best checkpoint of the best trial's Train run (once: a rerun of a finished sweep reuses
     the version it registered)."""
     client = client_for(uri)
-    done = client.get_run(run_id).data.tags.get("sd_detr.registered_version")
+    done = client.get_run(run_id).data.tags.get(REGISTERED_VERSION_TAG)
     if done is not None:
         try:
             aliased = str(client.get_model_version_by_alias(cfg.tracking.model_name, cfg.tracking.alias).version)
@@ -228,7 +251,7 @@ def _register_best(
         return None, False
     prepared = PreparedRun(trial_cfg, uri, experiment_id, run_id, resumed=True)
     status = client.get_run(run_id).info.status
-    registered = register_checkpoint(prepared, checkpoint, float(metrics["val_AP"]))
+    registered = register_checkpoint(prepared, checkpoint, float(metrics[VAL_AP]))
     client.set_terminated(run_id, status=status)  # logging the model through MLflow's fluent API ends it FINISHED
     return registered
 
@@ -241,7 +264,7 @@ def _log_summary(
     metrics |= {f"trials_{status}": float(n) for status, n in counts.items()}
     best = best_row(rows)
     if best is not None:
-        metrics["best_val_AP"] = best.best_val_ap
+        metrics[BEST_VAL_AP] = best.best_val_ap
     log_metrics(client, parent_run_id, metrics, step=0)
     log_text_artifact(client, parent_run_id, csv_table(rows), "sweep/trials.csv")
     log_text_artifact(client, parent_run_id, markdown_table(rows), "sweep/trials.md")
@@ -268,7 +291,7 @@ def run_sweep(cfg: SweepConfig) -> SweepOutcome:
     if existing is not None:
         _check_same_search(client, existing, cfg)
     parent_run_id, _ = start_or_resume_run(client, experiment_id, cfg.sweep.name, flatten_config(cfg))
-    client.set_tag(parent_run_id, "sd_detr.tune.sweep", cfg.sweep.name)
+    client.set_tag(parent_run_id, SWEEP_TAG, cfg.sweep.name)
     print(f"Sweep {cfg.sweep.name!r}: {cfg.num_trials()} trials, MLflow parent run {parent_run_id}: "
           f"{run_url(uri, experiment_id, parent_run_id)}", flush=True)  # fmt: skip
 
@@ -294,7 +317,7 @@ def run_sweep(cfg: SweepConfig) -> SweepOutcome:
         for r in grid
         if r.metrics["trial_id"] in ended
     ]  # fmt: skip
-    run_ids = _close_child_runs(client, experiment_id, rows)
+    run_ids = _close_child_runs(client, experiment_id, rows, resolved.training.storage_path)
     if len(rows) < len(grid):  # Ctrl+C: Tune saved its state, stopped the running trials and returned
         _close_interrupted(client, experiment_id, parent_run_id)
         return SweepOutcome(parent_run_id, experiment_path, restored, True, [], trials_done=len(rows))
@@ -312,10 +335,10 @@ def run_sweep(cfg: SweepConfig) -> SweepOutcome:
         path.write_text(best_config_yaml(given, best.params, resolved.model.num_classes))
         outcome.best_config_path = path
         log_text_artifact(client, parent_run_id, path.read_text(), "sweep/best_config.yaml")
-        client.set_tag(parent_run_id, "sd_detr.tune.best_run_id", outcome.best_run_id)
-        client.set_tag(parent_run_id, "sd_detr.tune.best_params", str(best.params))
+        client.set_tag(parent_run_id, BEST_RUN_ID_TAG, outcome.best_run_id)
+        client.set_tag(parent_run_id, BEST_PARAMS_TAG, str(best.params))
         if outcome.registered_version is not None:
-            client.set_tag(parent_run_id, "sd_detr.registered_version", outcome.registered_version)
+            client.set_tag(parent_run_id, REGISTERED_VERSION_TAG, outcome.registered_version)
     client.set_tag(parent_run_id, OUTCOME_TAG, "finished")
     client.set_terminated(parent_run_id, status="FINISHED")
     return outcome

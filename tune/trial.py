@@ -13,11 +13,10 @@ from typing import Any
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from pipelines.tags import TRIAL_ID_TAG
 from pipelines.tracking import client_for
 from pipelines.training import build_trainer, finish_run, prepare_run
 from tune.config import ALIGN_PATH, SPLIT_PATH, TIME_ATTR, build_trial_config
-
-TRIAL_ID_TAG = "sd_detr.tune.trial_id"
 
 
 class EpochReportCallback(TuneReportCallback):

@@ -21,6 +21,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from sd_detr.box_ops import size_scale
 from sd_detr.data.config import AugmentationConfig
 
 Target = dict[str, torch.Tensor]
@@ -79,9 +80,8 @@ class DetectionTransform:
         image, boxes_and_labels = self.geometry(image, {"boxes": target["boxes"], "labels": target["labels"]})
         height, width = image.shape[-2:]
         boxes = F.convert_bounding_box_format(boxes_and_labels["boxes"], new_format="CXCYWH")
-        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
         return image.as_subclass(torch.Tensor), {
-            "boxes": (boxes.as_subclass(torch.Tensor).float() / scale).reshape(-1, 4),
+            "boxes": (boxes.as_subclass(torch.Tensor).float() / size_scale(height, width)).reshape(-1, 4),
             "labels": boxes_and_labels["labels"].to(torch.int64).reshape(-1),
             "image_id": target["image_id"],
             "orig_size": target["orig_size"],
