@@ -73,6 +73,20 @@ class Training(threading.Thread):
             self.error = error
 
 
+def _wait_for_epoch0_in_mlflow(client: MlflowClient, experiment: str, job: Training) -> str:
+    """Wait until the job's run (the only run of ``experiment``) holds epoch 0's val_AP; returns its run id."""
+    run_ids: list[str] = []
+
+    def epoch0_logged() -> bool:
+        if not run_ids:
+            found = client.get_experiment_by_name(experiment)
+            run_ids.extend(r.info.run_id for r in (client.search_runs([found.experiment_id]) if found else []))
+        return bool(run_ids) and _steps(client, run_ids[0], "val_AP") == [0]
+
+    _wait_for(lambda: epoch0_logged() or not job.is_alive(), 300, "epoch 0 in MLflow")
+    return run_ids[0] if run_ids else ""
+
+
 def test_mlflow_outage_mid_run_costs_no_training_and_loses_no_metric(
     ray_local, synthetic_root, tmp_path, monkeypatch
 ) -> None:
@@ -89,16 +103,7 @@ def test_mlflow_outage_mid_run_costs_no_training_and_loses_no_metric(
         job = Training(cfg)
         job.start()
         client = MlflowClient(url)
-        run_ids: list[str] = []
-
-        def epoch0_logged() -> bool:
-            if not run_ids:
-                experiment = client.get_experiment_by_name("faults-outage")
-                runs = client.search_runs([experiment.experiment_id]) if experiment else []
-                run_ids.extend(r.info.run_id for r in runs)
-            return bool(run_ids) and _steps(client, run_ids[0], "val_AP") == [0]
-
-        _wait_for(lambda: epoch0_logged() or not job.is_alive(), 300, "epoch 0 in MLflow")
+        first_run_id = _wait_for_epoch0_in_mlflow(client, "faults-outage", job)
         assert job.error is None, job.error
     # The server is down now (the ExitStack stopped it). Epoch 1's metrics are sent after epoch 2's checkpoint
     # (when epoch 1's is registered), which fails: keep the server down until epoch 3 trains.
@@ -110,7 +115,7 @@ def test_mlflow_outage_mid_run_costs_no_training_and_loses_no_metric(
     with running_mlflow_server(root, port=port):
         job.join(timeout=600)
         assert not job.is_alive() and job.error is None, job.error
-        outcome, run_id = job.outcome, run_ids[0]
+        outcome, run_id = job.outcome, first_run_id
         assert outcome.run_id == run_id
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED"
@@ -148,16 +153,7 @@ def test_mlflow_down_at_the_end_exits_nonzero_and_register_py_completes_the_run(
         job = Training(cfg)
         job.start()
         client = MlflowClient(url)
-        run_ids: list[str] = []
-
-        def epoch0_logged() -> bool:
-            if not run_ids:
-                experiment = client.get_experiment_by_name("faults-late")
-                runs = client.search_runs([experiment.experiment_id]) if experiment else []
-                run_ids.extend(r.info.run_id for r in runs)
-            return bool(run_ids) and _steps(client, run_ids[0], "val_AP") == [0]
-
-        _wait_for(lambda: epoch0_logged() or not job.is_alive(), 300, "epoch 0 in MLflow")
+        first_run_id = _wait_for_epoch0_in_mlflow(client, "faults-late", job)
     job.join(timeout=600)
     assert isinstance(job.error, TrackingIncompleteError), job.error
     message = str(job.error)
@@ -168,7 +164,7 @@ def test_mlflow_down_at_the_end_exits_nonzero_and_register_py_completes_the_run(
     port = int(url.rsplit(":", 1)[1])
     with running_mlflow_server(root, port=port):
         register.main(["--checkpoint", checkpoint])
-        run_id = run_ids[0]
+        run_id = first_run_id
         _assert_every_epoch_once(client, run_id, 2)
         run = client.get_run(run_id)
         assert run.info.status == "FINISHED" and run.data.tags["sd_detr.registered_version"] == "1"
