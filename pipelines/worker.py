@@ -39,17 +39,24 @@ from pipelines.metrics_outbox import (
     bound_http_retries,
     registered_checkpoint_epoch,
 )
-from pipelines.ray_data import iter_detection_batches, val_share_name
 from pipelines.reporting import log_evaluation_artifacts
+from pipelines.row_selection import val_share_name
+from pipelines.torch_batches import iter_detection_batches
 from pipelines.tracking import client_for
 from sd_detr.data.collate import DetectionBatch
 from sd_detr.data.meta import load_meta
-from sd_detr.engine import build_criterion, build_lr_scheduler, build_optimizer, train_step
+from sd_detr.engine import (
+    LossMeter,
+    build_criterion,
+    build_lr_scheduler,
+    build_optimizer,
+    compile_transformer,
+    train_step,
+)
 from sd_detr.model import Detector
 from sd_detr.names import (
     BEST_VAL_AP,
     LOSS,
-    LOSS_TERMS,
     TRAIN_CORRUPT_IMAGES,
     TRAIN_DATA_WAIT_S,
     TRAIN_EPOCH_SECONDS,
@@ -88,12 +95,16 @@ def train_one_epoch(
     """Train over this rank's shard once; returns metrics summed over all ranks (losses averaged).
 
     Besides losses and images/s: ``train_data_wait_s``, the seconds a rank waited for its next batch (mean
-    over ranks; the rest of the epoch is compute, as each step ends with a host-device sync), and
+    over ranks; the rest of the epoch is compute, as each step waits for the device at its matching), and
     ``train_first_batch_s``, the part of it spent before the first batch (the input pipeline's start).
     ``progress`` (a test hook) is told about every finished step.
+
+    The losses are summed on the device (:class:`sd_detr.engine.LossMeter`) and read every
+    ``training.log_every_steps`` steps and at the end, on every rank: the only host-device wait of a step is its
+    matching, and a non-finite loss raises ``FloatingPointError`` at the next read (within that many steps).
     """
-    sums = {loss_metric(): 0.0} | {loss_metric(term): 0.0 for term in LOSS_TERMS}
-    sums |= {"steps": 0.0, "images": 0.0, "corrupt": 0.0, "data_wait_s": 0.0, "first_batch_s": 0.0}
+    meter = LossMeter(device)
+    sums = {"steps": 0.0, "images": 0.0, "corrupt": 0.0, "data_wait_s": 0.0, "first_batch_s": 0.0}
     started = time.perf_counter()
     estimate = steps_per_epoch
     iterator = synchronized_batches(batches, device)
@@ -112,25 +123,23 @@ def train_one_epoch(
             model, criterion, optimizer, batch.images, batch.padding_mask, batch.targets,
             cfg.optimizer.grad_clip_norm, amp_dtype, scaler,
         )  # fmt: skip
-        terms = losses.final_terms()
-        sums[loss_metric()] += float(losses.total.detach())
-        for name in LOSS_TERMS:
-            if name in terms:
-                sums[loss_metric(name)] += float(terms[name])
+        meter.add(losses)
         sums["steps"] += 1
         sums["images"] += len(batch)
         if progress is not None:
             progress.step_done(epoch, step + 1)
-        if rank == 0 and (step + 1) % cfg.training.log_every_steps == 0:
-            elapsed = time.perf_counter() - started
-            rate = (step + 1) / elapsed
-            eta = f"{max(estimate - step - 1, 0) / rate:.0f}s" if estimate else "?"
-            logger.info(
-                "[epoch %d] step %d%s loss %.3f %.1f img/s (rank 0) ETA %s",
-                epoch, step + 1, f"/{estimate}" if estimate else "", sums[loss_metric()] / sums["steps"],
-                sums["images"] / elapsed, eta,
-            )  # fmt: skip
-    totals = sum_over_workers(sums, device)
+        if (step + 1) % cfg.training.log_every_steps == 0:
+            running = meter.read()  # on every rank: raises on a non-finite loss
+            if rank == 0:
+                elapsed = time.perf_counter() - started
+                rate = (step + 1) / elapsed
+                eta = f"{max(estimate - step - 1, 0) / rate:.0f}s" if estimate else "?"
+                logger.info(
+                    "[epoch %d] step %d%s loss %.3f %.1f img/s (rank 0) ETA %s",
+                    epoch, step + 1, f"/{estimate}" if estimate else "", running[loss_metric()] / sums["steps"],
+                    sums["images"] / elapsed, eta,
+                )  # fmt: skip
+    totals = sum_over_workers(sums | meter.read(), device)
     elapsed = time.perf_counter() - started
     steps = max(totals.pop("steps"), 1.0)
     metrics = {train_metric(k): v / steps for k, v in totals.items() if k.startswith(LOSS)}
@@ -185,6 +194,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     detector = build_worker_detector(cfg.model, cfg.training.seed, rank)
+    if cfg.training.compile:
+        compile_transformer(detector)  # in place: DDP, checkpoints and evaluation see the same module tree
     model = ray.train.torch.prepare_model(detector, parallel_strategy_kwargs={"find_unused_parameters": False})
     criterion = build_criterion(cfg, mean_over_workers)
     optimizer = build_optimizer(unwrap(model), cfg.optimizer)

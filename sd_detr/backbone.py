@@ -4,25 +4,14 @@ feature map and its padding mask."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import mobilenetv3, regnet, resnet
-from torchvision.ops.misc import FrozenBatchNorm2d
 
+from sd_detr.backbone_nets import build_torchvision_net
 from sd_detr.backbone_weights import load_backbone_weights
 from sd_detr.config import BackboneConfig, backbone_family
-
-_STAGES = ("layer4", "layer3", "layer2", "layer1", "stem")
-
-_GROUPS = 32
-"""GroupNorm's group count where it divides the channels (every ResNet width)."""
-
-_BN_EPS = {"resnet": 1e-5, "regnet": 1e-5, "mobilenet": 1e-3}
-"""BatchNorm eps of torchvision's own models per family: frozen BatchNorm keeps it so ImageNet files match."""
 
 
 @dataclass
@@ -33,42 +22,7 @@ class FeatureMap:
     padding_mask: Tensor
 
 
-def group_norm_groups(num_channels: int) -> int:
-    """Groups for ``num_channels``: 32 where 32 divides it (every ResNet width), else the largest divisor of
-    ``num_channels`` below 32 (MobileNetV3 / RegNet widths such as 72 -> 24, 88 -> 22, 104 -> 26)."""
-    return max(g for g in range(1, _GROUPS + 1) if num_channels % g == 0)
-
-
-def _group_norm(num_channels: int) -> nn.GroupNorm:
-    """GroupNorm (:func:`group_norm_groups` groups): batch-size independent normalization for training from
-    scratch."""
-    return nn.GroupNorm(group_norm_groups(num_channels), num_channels)
-
-
-def norm_layer(config: BackboneConfig) -> Callable[[int], nn.Module]:
-    """The norm every layer of the backbone gets: FrozenBatchNorm2d with the family's BatchNorm eps (so an
-    ImageNet file computes what torchvision's model computes), or :func:`_group_norm`."""
-    if config.norm == "group_norm":
-        return _group_norm
-    eps = _BN_EPS[backbone_family(config.name)]
-    return FrozenBatchNorm2d if eps == 1e-5 else partial(FrozenBatchNorm2d, eps=eps)
-
-
-def build_torchvision_net(config: BackboneConfig) -> nn.Module:
-    """The full torchvision classification network of ``config.name`` (classifier included, random weights,
-    the configured norm): the module a weights file with torchvision's key names loads into."""
-    norm = norm_layer(config)
-    name = config.name
-    if name == "resnet10":  # shallow ResNet: basic blocks, one per stage
-        return resnet.ResNet(resnet.BasicBlock, [1, 1, 1, 1], norm_layer=norm)
-    family = backbone_family(name)
-    if family == "resnet":
-        return getattr(resnet, name)(
-            weights=None, norm_layer=norm, replace_stride_with_dilation=[False, False, config.dilation]
-        )
-    if family == "mobilenet":
-        return getattr(mobilenetv3, name)(weights=None, norm_layer=norm)
-    return getattr(regnet, name)(weights=None, norm_layer=norm)
+_STAGES = ("layer4", "layer3", "layer2", "layer1", "stem")
 
 
 def valid_image_sizes(padding_mask: Tensor) -> list[tuple[int, int]]:
@@ -154,7 +108,7 @@ class Backbone(nn.Module):
         mask = torch.ones(len(sizes), height, width, dtype=torch.bool, device=images.device)
         for size, indices in groups.items():
             out = outputs[size]
-            index = torch.as_tensor(indices, device=images.device)
+            index = torch.as_tensor(indices).to(images.device, non_blocking=True)  # no wait for the device
             features[index, :, : out.shape[-2], : out.shape[-1]] = out
             mask[index, : out.shape[-2], : out.shape[-1]] = False
         return FeatureMap(features=features, padding_mask=mask)

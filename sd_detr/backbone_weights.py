@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from sd_detr.backbone_nets import build_torchvision_net
 from sd_detr.config import BackboneConfig, ModelConfig, backbone_family
 
 SHOWN_KEYS = 5
@@ -70,12 +71,6 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
             "save the torchvision model's own model.state_dict() (torchvision key names, no wrapper dict)"
         )
     return dict(state)
-
-
-def _build_net(config: BackboneConfig) -> nn.Module:
-    from sd_detr.backbone import build_torchvision_net  # one definition of the networks (import cycle otherwise)
-
-    return build_torchvision_net(config)
 
 
 def _expected_shapes(net: nn.Module, head_prefix: str) -> dict[str, torch.Size]:
@@ -148,10 +143,10 @@ def check_backbone_weights(config: BackboneConfig) -> None:
     if config.weights_path is None:
         return
     if backbone_family(config.name) == "regnet":  # its block widths are computed with tensor ops: not on meta
-        net = _build_net(config)  # 400MF: a few million parameters, cheap to initialise
+        net = build_torchvision_net(config)  # 400MF: a few million parameters, cheap to initialise
     else:
         with torch.device("meta"):  # shapes only: no memory, no initialisation
-            net = _build_net(config)
+            net = build_torchvision_net(config)
     expected = _expected_shapes(net, _HEAD_PREFIXES[backbone_family(config.name)])
     _fit(config, config.weights_path, read_state_dict(config.weights_path), expected)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -12,6 +13,7 @@ from sd_detr.config import DetectorConfig, OptimizerConfig
 from sd_detr.losses import LossOutput, SetCriterion, mean_over_workers_identity
 from sd_detr.matcher import HungarianMatcher
 from sd_detr.model import Detector, DetectorOutput
+from sd_detr.names import LOSS_TERMS, loss_metric
 from sd_detr.postprocess import postprocess
 
 
@@ -23,8 +25,29 @@ def build_criterion(
 
 
 def build_optimizer(model: Detector, config: OptimizerConfig) -> torch.optim.AdamW:
-    """AdamW with the backbone at ``backbone_lr`` and everything else at ``lr``."""
-    return torch.optim.AdamW(model.parameter_groups(config.lr, config.backbone_lr), weight_decay=config.weight_decay)
+    """AdamW with the backbone at ``backbone_lr`` and everything else at ``lr``.
+
+    The fused implementation (one kernel over all parameters, on CPU and CUDA) gives the same update as the
+    per-parameter loop up to float rounding, at a fraction of its cost (docs/benchmarks.md, "Optimizer step").
+    """
+    return torch.optim.AdamW(
+        model.parameter_groups(config.lr, config.backbone_lr), weight_decay=config.weight_decay, fused=True
+    )
+
+
+def compile_transformer(model: Detector) -> Detector:
+    """Compile ``model``'s encoder and decoding (queries, decoder, heads) in place with ``torch.compile``
+    (TorchInductor, ``dynamic=True``: batch size and feature-map size vary from step to step without
+    recompiling); returns ``model``.
+
+    The backbone stays eager: it runs per image size (a host-side grouping that would break the graph) and
+    its convolutions are library kernels already. In-place compilation keeps the module tree, so parameter
+    names, checkpoints, DDP wrapping and ``parameter_groups`` are unchanged; a graph break falls back to eager
+    for that part. The first steps are slow (compilation).
+    """
+    model.encoder.compile(dynamic=True)
+    model.decoding.compile(dynamic=True)
+    return model
 
 
 def build_lr_scheduler(
@@ -64,12 +87,14 @@ def train_step(
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
 ) -> LossOutput:
-    """One optimisation step; raises ``FloatingPointError`` on a non-finite loss instead of training on."""
+    """One optimisation step (forward, loss, backward, optional clipping, optimizer step) that never waits for the
+    device except for the matcher's one device-to-host transfer (docs/method.md 1.7). It does not check the loss
+    for NaN/inf (that would be another wait per step): :class:`LossMeter` does, at each of its reads. With a
+    ``scaler`` (fp16), ``GradScaler.step`` reads its inf/NaN flag on the host every step.
+    """
     model.train()
     with autocast_context(images.device, amp_dtype):
         _, losses = compute_loss(model, criterion, images, padding_mask, targets)
-    if not torch.isfinite(losses.total):
-        raise FloatingPointError(f"non-finite loss {float(losses.total)}: terms {losses.final_terms()}")
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(losses.total).backward()
@@ -84,6 +109,41 @@ def train_step(
     else:
         optimizer.step()
     return losses
+
+
+class LossMeter:
+    """Running sums over training steps of the weighted total loss and the last decoder layer's unweighted terms,
+    kept on the device in float64: :meth:`add` costs no host-device synchronisation, :meth:`read` one transfer.
+
+    :meth:`read` also checks the loss: a NaN or inf in any step since the last read leaves the sum non-finite,
+    and it raises ``FloatingPointError``. The check thus costs no synchronisation of its own; a non-finite step
+    is caught at the caller's next read instead of before its optimizer step. Keys: ``loss`` and
+    ``loss_<term>`` for every term of :data:`sd_detr.names.LOSS_TERMS` (0 for a term the model lacks).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.names = [loss_metric(), *(loss_metric(term) for term in LOSS_TERMS)]
+        self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=device)
+        self.steps = 0
+        self.checked_steps = 0
+
+    def add(self, losses: LossOutput) -> None:
+        """Add one step's ``losses.total`` and final-layer terms (device-side, no wait)."""
+        terms = losses.final_terms()
+        zero = torch.zeros((), device=self.sums.device)
+        values = [losses.total.detach(), *(terms.get(term, zero) for term in LOSS_TERMS)]
+        self.sums += torch.stack([value.float() for value in values]).double()
+        self.steps += 1
+
+    def read(self) -> dict[str, float]:
+        """The sums on the host (one transfer); raises ``FloatingPointError`` when one is not finite."""
+        values = dict(zip(self.names, self.sums.tolist(), strict=True))
+        if not all(math.isfinite(value) for value in values.values()):
+            raise FloatingPointError(
+                f"non-finite loss in training steps {self.checked_steps + 1}..{self.steps}: sums {values}"
+            )
+        self.checked_steps = self.steps
+        return values
 
 
 @torch.no_grad()

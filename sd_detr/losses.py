@@ -32,23 +32,58 @@ class LossOutput:
         return self.per_output[max(layers, key=layer_index)]
 
 
-def _matched(assignments: list[Assignment]) -> tuple[Tensor, Tensor]:
-    """Batch and prediction indices of every matched prediction, concatenated over images."""
-    batch = torch.cat([torch.full_like(pred, index) for index, (pred, _) in enumerate(assignments)])
-    return batch, torch.cat([pred for pred, _ in assignments])
+@dataclass
+class MatchedPairs:
+    """The matched (prediction, target) pairs of one output as index tensors [K] int64 on the device: ``image``
+    and ``slot`` of each matched prediction, and ``target``, its target's index in :class:`BatchTargets`."""
+
+    image: Tensor
+    slot: Tensor
+    target: Tensor
 
 
-def one_hot_targets(logits: Tensor, targets: list[dict[str, Tensor]], assignments: list[Assignment]) -> Tensor:
-    """[B, N, C] float: 1 at (image, matched prediction, its target's label), else 0."""
+@dataclass
+class BatchTargets:
+    """The targets of a batch concatenated in image order: ``labels`` [T] int64, ``boxes`` [T, 4] normalized
+    cxcywh (T = all target boxes of the batch)."""
+
+    labels: Tensor
+    boxes: Tensor
+
+    @classmethod
+    def concatenate(cls, targets: list[dict[str, Tensor]]) -> BatchTargets:
+        """Concatenate per-image ``labels`` [T_i] and ``boxes`` [T_i, 4]."""
+        return cls(torch.cat([t["labels"] for t in targets]), torch.cat([t["boxes"] for t in targets]))
+
+
+def matched_pairs(
+    assignments: list[list[Assignment]], targets: list[dict[str, Tensor]], device: torch.device
+) -> list[MatchedPairs]:
+    """The matcher's assignments of several outputs (per output, per image; host tensors) as
+    :class:`MatchedPairs` on ``device``, all of them moved in one non-blocking host-to-device copy: the host
+    does not wait for the device, and no output's loss waits for a copy of its own."""
+    offsets = [0]
+    for image_targets in targets[:-1]:
+        offsets.append(offsets[-1] + len(image_targets["labels"]))
+    columns = []
+    for per_image in assignments:
+        image = torch.cat([torch.full_like(pred, index) for index, (pred, _) in enumerate(per_image)])
+        slot = torch.cat([pred for pred, _ in per_image])
+        target = torch.cat([tgt + offset for offset, (_, tgt) in zip(offsets, per_image, strict=True)])
+        columns.append(torch.stack([image, slot, target]))
+    on_device = torch.cat(columns, dim=1).to(device, non_blocking=True)
+    return [MatchedPairs(*chunk) for chunk in on_device.split([c.shape[1] for c in columns], dim=1)]
+
+
+def one_hot_targets(logits: Tensor, pairs: MatchedPairs, batch_targets: BatchTargets) -> Tensor:
+    """[B, N, C] float: 1 at (image, matched slot, its target's label), else 0."""
     onehot = torch.zeros_like(logits)
-    batch, pred = _matched(assignments)
-    labels = torch.cat([t["labels"][tgt] for t, (_, tgt) in zip(targets, assignments, strict=True)])
-    onehot[batch.to(logits.device), pred.to(logits.device), labels.to(logits.device)] = 1.0
+    onehot[pairs.image, pairs.slot, batch_targets.labels[pairs.target]] = 1.0
     return onehot
 
 
 def focal_loss(
-    logits: Tensor, onehot: Tensor, num_boxes: float, alpha: float, gamma: float, valid: Tensor | None = None
+    logits: Tensor, onehot: Tensor, num_boxes: float | Tensor, alpha: float, gamma: float, valid: Tensor | None = None
 ) -> Tensor:
     """Sigmoid focal loss summed over all (slot, class) pairs and divided by ``num_boxes``; with ``valid``
     [B, N] bool only the valid slots' pairs count (logits, onehot [B, N, C])."""
@@ -58,7 +93,7 @@ def focal_loss(
     return (per_pair * valid[..., None].to(per_pair.dtype)).sum() / num_boxes
 
 
-def box_losses(predicted: Tensor, target: Tensor, num_boxes: float) -> tuple[Tensor, Tensor]:
+def box_losses(predicted: Tensor, target: Tensor, num_boxes: float | Tensor) -> tuple[Tensor, Tensor]:
     """L1 and (1 - GIoU) of matched pairs: predicted, target [K, 4] normalized cxcywh -> two scalars."""
     l1 = F.l1_loss(predicted, target, reduction="sum") / num_boxes
     giou = torch.diag(generalized_box_iou(cxcywh_to_xyxy(predicted), cxcywh_to_xyxy(target)))
@@ -69,7 +104,7 @@ def alignment_loss(
     logits: Tensor,
     onehot: Tensor,
     matched_iou: Tensor,
-    num_boxes: float,
+    num_boxes: float | Tensor,
     alpha: float,
     beta: float,
     gamma: float,
@@ -119,16 +154,17 @@ class SetCriterion(nn.Module):
         self.config = config
         self.average_across_workers = average_across_workers
 
-    def num_boxes(self, targets: list[dict[str, Tensor]], device: torch.device) -> float:
-        """Mean number of target boxes per worker, at least 1."""
-        count = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-        return max(float(self.average_across_workers(count).item()), 1.0)
+    def num_boxes(self, targets: list[dict[str, Tensor]], device: torch.device) -> Tensor:
+        """Mean number of target boxes per worker, at least 1: a 0-dim float tensor on ``device`` that the
+        losses divide by on the device (it is never read on the host: no synchronisation)."""
+        count = torch.full((1,), float(sum(len(t["labels"]) for t in targets)), device=device)
+        return self.average_across_workers(count).clamp(min=1.0).reshape(())
 
     def output_terms(
         self,
         prediction: Predictions,
         targets: list[dict[str, Tensor]],
-        num_boxes: float,
+        num_boxes: float | Tensor,
         with_alignment: bool,
         assignments: list[Assignment] | None = None,
     ) -> dict[str, Tensor]:
@@ -137,16 +173,26 @@ class SetCriterion(nn.Module):
         Slots with ``prediction.valid`` False are never matched and get no focal (or alignment) loss.
         ``assignments`` are the matcher's for this output (computed here when None).
         """
+        if assignments is None:
+            assignments = self.matcher(prediction.logits.float(), prediction.boxes.float(), targets, prediction.valid)
+        pairs = matched_pairs([assignments], targets, prediction.boxes.device)[0]
+        return self.matched_terms(prediction, BatchTargets.concatenate(targets), pairs, num_boxes, with_alignment)
+
+    def matched_terms(
+        self,
+        prediction: Predictions,
+        batch_targets: BatchTargets,
+        pairs: MatchedPairs,
+        num_boxes: float | Tensor,
+        with_alignment: bool,
+    ) -> dict[str, Tensor]:
+        """:meth:`output_terms` of one output whose matched pairs are already on the device."""
         cfg = self.config
         logits, boxes = prediction.logits.float(), prediction.boxes.float()
         valid = prediction.valid
-        if assignments is None:
-            assignments = self.matcher(logits, boxes, targets, valid)
-        onehot = one_hot_targets(logits, targets, assignments)
-        batch, pred = _matched(assignments)
-        batch, pred = batch.to(boxes.device), pred.to(boxes.device)
-        matched_boxes = boxes[batch, pred]
-        target_boxes = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, assignments, strict=True)]).to(boxes)
+        onehot = one_hot_targets(logits, pairs, batch_targets)
+        matched_boxes = boxes[pairs.image, pairs.slot]
+        target_boxes = batch_targets.boxes[pairs.target].to(boxes)
         l1, giou = box_losses(matched_boxes, target_boxes, num_boxes)
         terms = {
             CLASS_TERM: focal_loss(logits, onehot, num_boxes, cfg.focal_alpha, cfg.focal_gamma, valid),
@@ -155,9 +201,9 @@ class SetCriterion(nn.Module):
         }
         if with_alignment:
             matched_iou = torch.zeros(boxes.shape[:2], device=boxes.device)
-            if len(pred):
+            if pairs.slot.numel():
                 iou = box_iou(cxcywh_to_xyxy(matched_boxes), cxcywh_to_xyxy(target_boxes)).diagonal()
-                matched_iou[batch, pred] = iou.detach()
+                matched_iou[pairs.image, pairs.slot] = iou.detach()
             terms[ALIGN_TERM] = alignment_loss(
                 logits, onehot, matched_iou, num_boxes, cfg.align_alpha, cfg.align_beta, cfg.align_gamma, valid
             )
@@ -217,10 +263,12 @@ class SetCriterion(nn.Module):
             if encoder is not None:
                 outputs[ENCODER_OUTPUT] = (encoder, False)
             assignments = self.match_all({name: prediction for name, (prediction, _) in outputs.items()}, targets)
+            pairs = dict(zip(assignments, matched_pairs(list(assignments.values()), targets, device), strict=True))
+            batch_targets = BatchTargets.concatenate(targets)
             total = torch.zeros((), device=device)
             per_output: dict[str, dict[str, Tensor]] = {}
             for name, (prediction, alignment) in outputs.items():
-                terms = self.output_terms(prediction, targets, num_boxes, alignment, assignments[name])
+                terms = self.matched_terms(prediction, batch_targets, pairs[name], num_boxes, alignment)
                 total = total + self.weighted_sum(terms)
                 per_output[name] = {k: v.detach() for k, v in terms.items()}
         return LossOutput(total=total, per_output=per_output)

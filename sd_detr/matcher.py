@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
@@ -76,24 +77,28 @@ class HungarianMatcher(nn.Module):
             cost = torch.nan_to_num(cost, nan=big, posinf=big, neginf=big)
             if valid is not None:
                 cost = cost.masked_fill(~valid.reshape(-1, 1), float("inf"))
-        cost = cost.view(outputs, batch, num_queries, -1).cpu()  # the one device -> host transfer
+        cost = cost.view(outputs, batch, num_queries, -1).cpu().numpy()  # the one device -> host transfer
+        bounds = np.cumsum(sizes)[:-1]
         return [
-            [_assign(chunk[index], valid is not None) for index, chunk in enumerate(cost[output].split(sizes, dim=-1))]
+            [
+                _assign(chunk[index], valid is not None)
+                for index, chunk in enumerate(np.split(cost[output], bounds, axis=-1))
+            ]
             for output in range(outputs)
         ]
 
 
-def _assign(image_cost: Tensor, masked: bool) -> Assignment:
-    """Optimal assignment of one image: image_cost [N, T] on the CPU, invalid predictions as +inf rows when
-    ``masked`` (solved among the finite rows, then mapped back to slot indices)."""
+def _assign(image_cost: np.ndarray, masked: bool) -> Assignment:
+    """Optimal assignment of one image: image_cost [N, T] on the host, invalid predictions as +inf rows when
+    ``masked`` (solved among the finite rows, then mapped back to slot indices). Host-side NumPy throughout:
+    nothing here touches the device."""
     if image_cost.shape[1] == 0:
         empty = torch.empty(0, dtype=torch.int64)
         return empty, empty
-    slots = torch.isfinite(image_cost[:, 0]).nonzero()[:, 0] if masked else None
+    slots = np.isfinite(image_cost[:, 0]).nonzero()[0] if masked else None
     if slots is not None:
         image_cost = image_cost[slots]
-    rows, cols = linear_sum_assignment(image_cost.numpy())
-    rows = torch.as_tensor(rows, dtype=torch.int64)
+    rows, cols = linear_sum_assignment(image_cost)
     if slots is not None:
         rows = slots[rows]
-    return rows, torch.as_tensor(cols, dtype=torch.int64)
+    return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)

@@ -13,7 +13,8 @@ import torchvision
 from pydantic import ValidationError
 from torch import nn
 
-from sd_detr.backbone import Backbone, build_backbone, build_torchvision_net, group_norm_groups
+from sd_detr.backbone import Backbone, build_backbone
+from sd_detr.backbone_nets import build_torchvision_net, group_norm_groups
 from sd_detr.backbone_weights import BackboneWeightsError, check_backbone_weights, load_backbone_weights
 from sd_detr.config import BackboneConfig, DetectorConfig
 from sd_detr.engine import build_criterion, compute_loss, predict
@@ -91,6 +92,7 @@ def test_group_norm_groups_divide_every_width() -> None:
             assert not isinstance(module, nn.BatchNorm2d)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SMALL)
 def test_a_detector_with_it_trains_a_step_and_predicts(name: str) -> None:
     level = "c4" if name.startswith("resnet") else "c5"
