@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -16,6 +17,49 @@ from pydantic import BaseModel, ValidationError
 from sd_detr.config import apply_overrides, deep_merge, error_location, read_config_file
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+PROJECT_LOGGERS = ("pipelines", "sd_detr", "tune", "benchmarks")
+"""The loggers whose lines :func:`configure_logging` shows at the level it is given (other libraries: warnings)."""
+
+
+class _ConsoleHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever ``sys.<stream_name>`` is when a line is logged, so a stream
+    redirected or captured after set-up still receives the lines."""
+
+    def __init__(self, stream_name: str) -> None:
+        self.stream_name = stream_name
+        super().__init__()
+
+    @property
+    def stream(self) -> TextIO:
+        return getattr(sys, self.stream_name)
+
+    @stream.setter
+    def stream(self, _value: object) -> None:  # StreamHandler's constructor assigns one; the lookup wins
+        pass
+
+
+def configure_logging(level: int | str = logging.INFO) -> None:
+    """Console logging of every entry point: the project's loggers (:data:`PROJECT_LOGGERS`) from ``level`` on,
+    lines below WARNING to stdout as the bare message, WARNING and above (any library's) to stderr as
+    ``LEVEL: message``. Calling it again replaces what it set up.
+
+    ``configure_logging(logging.WARNING)`` silences the progress and summary lines; a caller who wants them
+    elsewhere adds its own handler to the ``pipelines`` logger (or the root logger) after this call.
+    """
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _ConsoleHandler)]:
+        root.removeHandler(handler)
+    lines = _ConsoleHandler("stdout")
+    lines.addFilter(lambda record: record.levelno < logging.WARNING)
+    lines.setFormatter(logging.Formatter("%(message)s"))
+    problems = _ConsoleHandler("stderr")
+    problems.setLevel(logging.WARNING)
+    problems.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    root.addHandler(lines)
+    root.addHandler(problems)
+    for name in PROJECT_LOGGERS:
+        logging.getLogger(name).setLevel(level)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default: Path | None) -> None:
@@ -103,7 +147,13 @@ def flag_fields(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any
     return {name: values[name] for name in names if values.get(name) is not None}
 
 
-def fail(message: str, code: int = 2) -> None:
-    """Print ``message`` to stderr and exit with ``code``."""
+def print_error(message: str) -> None:
+    """Print ``error: message`` to stderr: the one line an entry point that gives up leaves there (outside
+    logging, so silencing the log lines never hides why a command failed)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    """:func:`print_error` ``message`` and exit with ``code``."""
+    print_error(message)
     raise SystemExit(code)

@@ -16,17 +16,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.cli import add_config_arguments, fail, flag_fields, load_or_exit
+from pipelines.cli import add_config_arguments, configure_logging, fail, flag_fields, load_or_exit
 from pipelines.distributed_eval import Evaluation, evaluate, ground_truth_coco
 from pipelines.inference import LoadedModel, load_model
 from sd_detr.data.config import LoaderConfig
 from sd_detr.data.dataset import build_dataloader
 from sd_detr.data.meta import load_meta
+
+logger = logging.getLogger("pipelines.evaluate")  # by name: run as a script, __name__ is "__main__"
 
 
 class EvaluateConfig(BaseModel):
@@ -71,14 +74,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="sets out")
     parser.add_argument("--tracking-uri", help="sets tracking_uri")
     args = parser.parse_args(argv)
+    configure_logging()
     fields = flag_fields(args, [name for name in EvaluateConfig.model_fields if name in vars(args)])
     cfg = load_or_exit(EvaluateConfig, args.config, args.set, None, fields)
     try:
         stats = evaluate_model(load_model(cfg.model, cfg.tracking_uri), cfg.data, cfg.batch_size)
     except (FileNotFoundError, ValueError) as error:
         fail(str(error))
-    for name, value in stats.items():
-        print(f"{name:>6}: {value:.4f}")
+    logger.info("\n".join(f"{name:>6}: {value:.4f}" for name, value in stats.items()))
     if cfg.out is not None:
         cfg.out.write_text(json.dumps(stats, indent=2))
 

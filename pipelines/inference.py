@@ -18,8 +18,8 @@ import yaml
 from torchvision import tv_tensors
 
 from pipelines.config import TrainJobConfig
+from pipelines.mlflow_uris import fluent_uris
 from pipelines.model_artifact import FILE_NAMES, LoadedModel, ModelArtifactError, read_model_files
-from pipelines.tracking import fluent_uris
 from sd_detr.backbone_weights import without_backbone_weights
 from sd_detr.data.collate import pad_and_collate
 from sd_detr.data.meta import load_meta

@@ -30,12 +30,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes
 
-from pipelines.cli import add_config_arguments, fail, flag_fields, load_or_exit
+from pipelines.cli import add_config_arguments, configure_logging, fail, flag_fields, load_or_exit
 from pipelines.inference import LoadedModel, Predictor, list_images, load_model
 from sd_detr.box_ops import xyxy_to_xywh
 from sd_detr.data.samples import decode_image
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("pipelines.predict")  # by name: run as a script, __name__ is "__main__"
 
 
 class PredictConfig(BaseModel):
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ray-min-images", type=int, help="sets ray_min_images (default 256)")
     parser.add_argument("--tracking-uri", help="sets tracking_uri")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging()
     fields = flag_fields(args, [name for name in PredictConfig.model_fields if name in vars(args)])
     cfg = load_or_exit(PredictConfig, args.config, args.set, None, fields)
     try:

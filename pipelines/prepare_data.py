@@ -22,11 +22,14 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
+from pipelines.cli import configure_logging, print_error
 from sd_detr.data.builtin import default_synthetic_root, ensure_synthetic_dataset
 from sd_detr.data.coco import CocoFormatError, StrictValidationError, TooFewImagesError, convert_coco_to_shards
 from sd_detr.data.config import ConvertConfig, SyntheticConfig
 from sd_detr.data.lock import LockHeldError
 from sd_detr.data.meta import GROUND_TRUTH_FILENAME, VALIDATION_FILENAME, load_meta
+
+logger = logging.getLogger("pipelines.prepare_data")  # by name: run as a script, __name__ is "__main__"
 
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
@@ -72,17 +75,19 @@ def _run_coco(args: argparse.Namespace) -> int:
     try:
         result = convert_coco_to_shards(cfg)
     except TooFewImagesError as error:
-        print(error.report.format())
-        print(f"error: {error}", file=sys.stderr)
+        logger.info(error.report.format())
+        print_error(str(error))
         return EXIT_PROBLEMS
     except StrictValidationError as error:
-        print(error.report.format())
-        print(
-            f"strict mode: {error.report.num_problems} problem(s), nothing written; report saved to {error.report_path}"
+        logger.info(error.report.format())
+        logger.info(
+            "strict mode: %d problem(s), nothing written; report saved to %s",
+            error.report.num_problems,
+            error.report_path,
         )
         return EXIT_PROBLEMS
-    print(result.report.format())
-    print(
+    logger.info(result.report.format())
+    logger.info(
         f"wrote {result.meta.counts.images} images, {result.meta.counts.annotations} annotations in "
         f"{result.meta.counts.shards} shard(s) to {result.out_dir}; report: {result.out_dir / VALIDATION_FILENAME}; "
         f"evaluation ground truth: {result.out_dir / GROUND_TRUTH_FILENAME}"
@@ -95,23 +100,23 @@ def _run_synthetic(args: argparse.Namespace) -> int:
     root = ensure_synthetic_dataset(args.out or default_synthetic_root(), cfg, overwrite=args.overwrite, progress=True)
     for split in ("train", "val"):
         counts = load_meta(root / split).counts
-        print(
+        logger.info(
             f"{split}: {counts.images} images, {counts.annotations} annotations, {counts.shards} shard(s) in {root / split}"
         )
-    print(f"COCO ground truth (what evaluation reads): {root / 'val' / GROUND_TRUTH_FILENAME}")
+    logger.info("COCO ground truth (what evaluation reads): %s", root / "val" / GROUND_TRUTH_FILENAME)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         return _run_coco(args) if args.command == "coco" else _run_synthetic(args)
     except ValidationError as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+        print_error(_one_line(error))
     except (FileExistsError, CocoFormatError, UnicodeDecodeError, LockHeldError, NotADirectoryError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print_error(str(error))
     return EXIT_USAGE
 
 

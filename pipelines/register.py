@@ -24,9 +24,11 @@ import tempfile
 from pathlib import Path
 
 from pipelines.checkpoint import CHECKPOINT_FILE, checkpoint_config_json, checkpoint_metrics
-from pipelines.cli import add_config_arguments, fail, load_or_exit
+from pipelines.cli import add_config_arguments, configure_logging, fail, load_or_exit
 from pipelines.config import TrainJobConfig
 from pipelines.metrics_outbox import RunStorage, TrackingOutbox, bound_http_retries
+from pipelines.run_outcome import register_checkpoint_dir
+from pipelines.run_setup import TRACKING_FILE, PreparedRun
 from pipelines.tags import REGISTERED_CHECKPOINT_TAG, REGISTERED_VERSION_TAG
 from pipelines.tracking import (
     TrackingUnavailableError,
@@ -36,11 +38,10 @@ from pipelines.tracking import (
     get_or_create_experiment,
     start_or_resume_run,
 )
-from pipelines.training import TRACKING_FILE, PreparedRun, register_checkpoint_dir
 from sd_detr.config import flatten_config
 from sd_detr.names import VAL_AP
 
-logger = logging.getLogger("pipelines.register")
+logger = logging.getLogger("pipelines.register")  # by name: run as a script, __name__ is "__main__"
 
 FAILED_MIDWAY_EXIT_CODE = 3
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-register", action="store_true", help="only log what was not logged")
     add_config_arguments(parser, None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging()
     checkpoint = args.checkpoint.expanduser().resolve()
     if not (checkpoint / CHECKPOINT_FILE).is_file():
         fail(f"{checkpoint} is not a training checkpoint ({CHECKPOINT_FILE} not found in it)")

@@ -4,7 +4,6 @@ artifact logging by run id (rank 0 / driver only), model registration (a pyfunc 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -12,17 +11,17 @@ import os
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.tracking import MlflowClient
-from mlflow.tracking._model_registry import utils as registry_utils
-from mlflow.tracking._tracking_service import utils as tracking_utils
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
+from pipelines.mlflow_uris import fluent_uris
+from pipelines.serving import log_pyfunc_model
 from pipelines.tags import AP_TAG, PARENT_RUN_ID_TAG, REGISTERED_VERSION_TAG, RESUMED_TAG, RUN_NAME_TAG
 
 logger = logging.getLogger(__name__)
@@ -114,26 +113,6 @@ def run_url(uri: str, experiment_id: str, run_id: str) -> str:
     return f"mlflow ui --backend-store-uri {uri}  (then open experiment {experiment_id}, run {run_id})"
 
 
-@contextlib.contextmanager
-def fluent_uris(uri: str) -> Iterator[None]:
-    """Point MLflow's fluent API (tracking and registry) at ``uri`` for a block, then restore the previous
-    state, including the ``MLFLOW_TRACKING_URI``/``MLFLOW_REGISTRY_URI`` variables that ``set_*_uri`` export:
-    a library call must not redirect later clients or child processes to another store."""
-    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)  # no public getter tells "unset"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 class AliasUpdateError(RuntimeError):
     """The alias could not be compared or moved safely; the registered version exists, the alias is unchanged
     (or, after a concurrent move, points elsewhere)."""
@@ -204,8 +183,6 @@ def register_model(
 
     ``input_image`` (encoded bytes) becomes the model's input example; ``metadata`` goes into its MLmodel file.
     """
-    from pipelines.serving import log_pyfunc_model  # serving -> inference -> tracking: import at call time
-
     client = client_for(uri)
     with fluent_uris(uri), mlflow.start_run(run_id=run_id):
         info = log_pyfunc_model(artifact_paths, input_image, registered_model_name=model_name, metadata=metadata)

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.cli import add_config_arguments, fail, load_or_exit
+from pipelines.cli import add_config_arguments, configure_logging, fail, load_or_exit
 from pipelines.config import DEFAULT_CONFIG, TrainJobConfig
+from pipelines.ray_cluster import ClusterTooSmallError
+from pipelines.run_outcome import TrackingIncompleteError, log_summary
 from pipelines.tracking import TrackingUnavailableError
-from pipelines.training import ClusterTooSmallError, TrackingIncompleteError, print_summary, run_training
+from pipelines.training import run_training
 from sd_detr.data.lock import LockHeldError
 
 TRACKING_INCOMPLETE_EXIT_CODE = 3
@@ -35,15 +37,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, DEFAULT_CONFIG)
     args = parser.parse_args(argv)
+    configure_logging()
     cfg = load_or_exit(TrainJobConfig, args.config, args.set, DEFAULT_CONFIG)
     try:
         outcome = run_training(cfg)
     except (TrackingUnavailableError, ClusterTooSmallError, LockHeldError, FileNotFoundError, ValueError) as error:
         fail(str(error))
     except TrackingIncompleteError as error:
-        print_summary(error.outcome, cfg)
+        log_summary(error.outcome, cfg)
         fail(str(error), code=TRACKING_INCOMPLETE_EXIT_CODE)
-    print_summary(outcome, cfg)
+    log_summary(outcome, cfg)
 
 
 if __name__ == "__main__":

@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-import pipelines.training
+import pipelines.run_outcome
 from pipelines.fault_injection import PROGRESS_DIR_ENV
 from pipelines.metrics_outbox import OUTBOX_FILENAME
-from pipelines.training import TrackingIncompleteError, run_training
+from pipelines.run_outcome import TrackingIncompleteError
+from pipelines.training import run_training
 from tests.mlflow_server import running_mlflow_server
 from tests.pipeline_helpers import tiny_job_config
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = [pytest.mark.ray, pytest.mark.server, pytest.mark.slow]
 
 EPOCH_KEYS = ("val_AP", "train_loss", "lr", "best_val_AP")
 
@@ -145,7 +146,7 @@ def test_mlflow_down_at_the_end_exits_nonzero_and_register_py_completes_the_run(
     and registers the model."""
     from pipelines import register
 
-    monkeypatch.setattr(pipelines.training, "FINAL_FLUSH_DELAYS_S", (1.0,))
+    monkeypatch.setattr(pipelines.run_outcome, "FINAL_FLUSH_DELAYS_S", (1.0,))
     root = tmp_path / "server"
     with contextlib.ExitStack() as first:
         url = first.enter_context(running_mlflow_server(root))

@@ -26,11 +26,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 from mlflow.tracking import MlflowClient
 
-import pipelines.tracking as tracking
 from pipelines.inference import Predictor, list_images, load_model, load_registered_model
+from pipelines.mlflow_uris import fluent_uris
 from pipelines.model_artifact import FILE_NAMES, ModelArtifactError, read_model_files
 from pipelines.serving import example_image, read_inputs
-from pipelines.tracking import AP_TAG, AliasUpdateError, update_alias
+from pipelines.tags import AP_TAG
+from pipelines.tracking import AliasUpdateError, update_alias
 from sd_detr.box_ops import xyxy_to_xywh
 from sd_detr.config import DetectorConfig
 from sd_detr.data.meta import load_meta
@@ -50,7 +51,7 @@ def no_pickle(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def registry_uri(mlflow_server: str) -> Iterator[str]:
     """The session server as the fluent API's tracking and registry URI for one test."""
-    with tracking.fluent_uris(mlflow_server):
+    with fluent_uris(mlflow_server):
         yield mlflow_server
 
 
@@ -136,6 +137,7 @@ def champion(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory) -> di
     return {"name": name, "uri": f"models:/{name}@champion", "loaded": loaded}
 
 
+@pytest.mark.server
 def test_champion_loads_as_pyfunc_with_pickle_disabled(champion: dict, registry_uri: str, no_pickle: None) -> None:
     assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false"
     model = mlflow.pyfunc.load_model(champion["uri"])
@@ -158,6 +160,7 @@ def test_champion_loads_as_pyfunc_with_pickle_disabled(champion: dict, registry_
     assert {"MLmodel", "serving_model.py", "artifacts/model.safetensors", "input_example.json"} <= stored
 
 
+@pytest.mark.server
 def test_pipeline_loader_reads_the_same_artifact_without_running_its_code(
     champion: dict, registry_uri: str, no_pickle: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -171,6 +174,7 @@ def test_pipeline_loader_reads_the_same_artifact_without_running_its_code(
         assert torch.equal(ours, theirs)
 
 
+@pytest.mark.server
 def test_a_pickled_model_is_refused_with_a_clear_message(registry_uri: str, tmp_path: Path) -> None:
     name = unique("legacy")
     client = MlflowClient(registry_uri)
@@ -188,6 +192,7 @@ class _EchoModel(mlflow.pyfunc.PythonModel):
         return model_input
 
 
+@pytest.mark.server
 def test_predict_and_evaluate_scripts_use_the_registered_model(
     mlflow_server: str, synthetic_root: Path, tmp_path: Path, no_pickle: None
 ) -> None:
@@ -207,6 +212,7 @@ def test_predict_and_evaluate_scripts_use_the_registered_model(
 
 
 @pytest.mark.ray
+@pytest.mark.server
 def test_predict_ray_data_path_loads_the_registered_model(
     ray_local, mlflow_server: str, champion: dict, tmp_path: Path
 ) -> None:
@@ -277,6 +283,7 @@ def _serving(model_uri: str, tracking_uri: str, log_path: Path) -> Iterator[str]
             process.wait(timeout=15)
 
 
+@pytest.mark.server
 @pytest.mark.skipif(sys.platform != "linux", reason="process groups")
 def test_mlflow_models_serve_answers_an_http_post_with_an_image(
     champion: dict, mlflow_server: str, tmp_path: Path
@@ -302,6 +309,7 @@ def test_mlflow_models_serve_answers_an_http_post_with_an_image(
 # --- the champion alias ------------------------------------------------------------------------------------
 
 
+@pytest.mark.server
 def test_alias_moves_only_to_a_better_version_and_is_re_read(mlflow_server: str, tmp_path: Path) -> None:
     name = unique("alias")
     client = MlflowClient(mlflow_server)
@@ -313,6 +321,7 @@ def test_alias_moves_only_to_a_better_version_and_is_re_read(mlflow_server: str,
     assert client.get_model_version(name, "3").tags[AP_TAG] == "0.400000"
 
 
+@pytest.mark.server
 def test_unreadable_champion_tag_keeps_the_alias(mlflow_server: str, tmp_path: Path) -> None:
     name = unique("alias-tag")
     client = MlflowClient(mlflow_server)
@@ -324,6 +333,7 @@ def test_unreadable_champion_tag_keeps_the_alias(mlflow_server: str, tmp_path: P
     assert client.get_model_version(name, "2").tags[AP_TAG] == "0.900000"  # registered, only the alias stayed
 
 
+@pytest.mark.server
 def test_a_server_error_reading_the_champion_propagates(
     mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -342,6 +352,7 @@ def test_a_server_error_reading_the_champion_propagates(
     assert client.get_model_version_by_alias(name, "champion").version == "1"
 
 
+@pytest.mark.server
 def test_a_model_without_the_alias_gets_it(mlflow_server: str, tmp_path: Path) -> None:
     name = unique("alias-none")
     client = MlflowClient(mlflow_server)
@@ -350,6 +361,7 @@ def test_a_model_without_the_alias_gets_it(mlflow_server: str, tmp_path: Path) -
     assert client.get_registered_model(name).aliases == {"staging": "1", "champion": "1"}
 
 
+@pytest.mark.server
 def test_an_alias_moved_concurrently_is_reported(
     mlflow_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from pipelines.checkpoint import CONFIG_FILE
 from pipelines.run_guard import compatibility_differences, job_lock, job_lock_path
-from pipelines.training import resolve_data
+from pipelines.run_setup import resolve_data
 from sd_detr.config import flatten_config
 from tests.pipeline_helpers import REPO, tiny_job_config, tiny_job_overrides
 

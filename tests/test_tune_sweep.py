@@ -19,13 +19,15 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import TrainJobConfig
-from pipelines.training import ClusterTooSmallError
+from pipelines.ray_cluster import ClusterTooSmallError
 from sd_detr.config import load_config
 from tests.pipeline_helpers import REPO, tiny_job_overrides
+from tune import report
 from tune.cluster import check_sweep_fits
-from tune.config import ALIGN_PATH, SPLIT_PATH, SweepConfig, build_trial_config
-from tune.report import best_config_yaml, best_row, csv_table, format_table, heatmap_png, sort_rows, trial_row
-from tune.sweep import main, param_space
+from tune.config import ALIGN_PATH, SPLIT_PATH, SearchKey, SweepConfig, build_trial_config
+from tune.sweep import main
+from tune.trial import trial_run_name
+from tune.tuner import param_space
 
 CONFIGS = [REPO / "configs" / "default.yaml", REPO / "tune" / "sweep.yaml"]
 CONFIG_ARGS = [arg for path in CONFIGS for arg in ("--config", str(path))]
@@ -44,7 +46,7 @@ def _sweep_config(overrides: list[str]) -> SweepConfig:
         ("sweep.query_split.values=[0, 5]", "sweep.query_split: values [5] out of range"),
         ("sweep.align_loss_weight={kind: uniform, low: 0.1, high: 2.0}", "cannot be enumerated by sweep.search=grid"),
         ("sweep.extra={model.taq: [true, maybe]}", "sweep.extra['model.taq']"),
-        ("sweep.asha.max_t=40", "sweep.asha.max_t (40) exceeds optimizer.epochs (10)"),
+        ("sweep.asha.max_t=400", "sweep.asha.max_t (400) exceeds optimizer.epochs ("),  # whatever the default epochs
     ],
 )
 def test_invalid_sweep_config_exits_before_ray_starts(override: str, message: str, tmp_path, capsys) -> None:
@@ -112,11 +114,13 @@ def test_trial_config_sets_the_knobs_and_keeps_the_dataset_class_count_open() ->
 
 
 def test_rows_table_heatmap_and_best_config(tmp_path) -> None:
+    keys = _sweep_config([]).search_keys()
+
     def row(trial: str, weight: float, split: int, metrics: dict, error: Exception | None = None):
         params = {ALIGN_PATH: weight, SPLIT_PATH: split}
-        return trial_row("s", 2, trial, params, {"trial_id": trial, **metrics}, error)
+        return report.trial_row("s", keys, 2, trial, params, {"trial_id": trial, **metrics}, error)
 
-    rows = sort_rows([
+    rows = report.sort_rows([
         row("a_00000", 0.5, 0, {"epochs_done": 1, "val_AP": 0.10, "best_val_AP": 0.10, "best_epoch": 0}),
         row("a_00001", 2.0, 0, {"epochs_done": 2, "val_AP": 0.25, "best_val_AP": 0.30, "best_epoch": 0}),
         row("a_00002", 0.5, 2, {}, RuntimeError("worker died")),
@@ -125,23 +129,86 @@ def test_rows_table_heatmap_and_best_config(tmp_path) -> None:
     assert [(r.trial_id, r.status) for r in rows] == [
         ("a_00001", "finished"), ("a_00003", "finished"), ("a_00000", "stopped"), ("a_00002", "error"),
     ]  # fmt: skip
-    assert rows[0].run_name == "s-a_00001-w2-s0" and best_row(rows) is rows[0]
+    assert rows[0].run_name == "s-a_00001-w2-s0" and report.best_row(rows) is rows[0]
     tied = [row("a_00007", 0.5, 0, {"best_val_AP": 0.3}), row("a_00004", 2.0, 2, {"best_val_AP": 0.3})]
-    assert best_row(tied).trial_id == "a_00004"  # ties go to the first trial: a rerun picks the same best
-    lines = format_table(rows).splitlines()
-    assert lines[0].split()[:3] == ["rank", "best", "val"] and len(lines) == 2 + 4
+    assert report.best_row(tied).trial_id == "a_00004"  # ties go to the first trial: a rerun picks the same best
+    lines = report.format_table(rows, keys).splitlines()
+    assert lines[0].split() == ["rank", "best", "val", "AP", "last", "val", "AP", "align_loss_weight", "query_split",
+                                "epochs", "status", "run"]  # fmt: skip
+    assert len(lines) == 2 + 4 and lines[2].split()[3:7] == ["2", "0", "2", "finished"]
     assert [line.split()[1] for line in lines[2:]] == ["0.3000", "0.2000", "0.1000", "nan"]
-    records = list(csv.DictReader(io.StringIO(csv_table(rows))))
+    records = list(csv.DictReader(io.StringIO(report.csv_table(rows, keys))))
+    assert list(records[0])[:4] == ["trial_id", "run_name", ALIGN_PATH, SPLIT_PATH]
     assert records[3]["status"] == "error" and "worker died" in records[3]["error"]
     assert float(records[0]["best_val_AP"]) == 0.30
-    png = heatmap_png(rows, tmp_path / "heat.png", "t")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = report.heatmap_png(rows, keys, tmp_path / "heat.png", "s")
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = {"trials": 4.0, "sweep_seconds": 12.0, "trials_finished": 2.0, "trials_stopped": 1.0,
+               "trials_error": 1.0, "best_val_AP": 0.30}  # fmt: skip
+    assert report.summary_metrics(rows, 12.0) == summary
+    assert rows[2].ended().final_metrics == {"final_val_AP": 0.10, "epochs_done": 1.0}
 
     cfg = _sweep_config(["sweep.name=s"])
-    (tmp_path / "best.yaml").write_text(best_config_yaml(cfg, rows[0].params, num_classes=5))
+    (tmp_path / "best.yaml").write_text(report.best_config_yaml(cfg, rows[0].params, num_classes=5))
     best = load_config(TrainJobConfig, tmp_path / "best.yaml")  # what pipelines/train.py --config does
     assert best.loss.align_loss_weight == 2.0 and best.model.query_split == 0 and best.model.num_classes == 5
     assert best.training.run_name == "s-best" and best.tracking.register_model is True
+
+
+@pytest.mark.parametrize("extra", [{}, {"optimizer.lr": [1.0e-4, 4.0e-4], "model.taq": [True, False]}])
+def test_search_keys_follow_the_sweep_config(extra: dict) -> None:
+    cfg = _sweep_config([f"sweep.extra={extra}"])
+    keys = cfg.search_keys()
+    assert [k.path for k in keys] == [ALIGN_PATH, SPLIT_PATH, *sorted(extra)]
+    assert set(param_space(cfg)) == {k.path for k in keys}  # what Tune searches
+
+
+def _generic_rows(keys: list[SearchKey], values: list[tuple], aps: list[float]) -> list:
+    rows = []
+    for index, (params, ap) in enumerate(zip(values, aps, strict=True)):
+        trial = f"b_{index:05d}"
+        metrics = {"epochs_done": 3, "val_AP": ap, "best_val_AP": ap, "best_epoch": 2}
+        config = dict(zip([k.path for k in keys], params, strict=True))
+        rows.append(report.trial_row("g", keys, 3, trial, config, metrics, None))
+    return report.sort_rows(rows)
+
+
+def test_one_searched_key_names_tables_and_skips_the_heat_map(tmp_path, caplog) -> None:
+    keys = [SearchKey("optimizer.lr", "optimizer.lr", "lr")]
+    rows = _generic_rows(keys, [(1e-4,), (4e-4,)], [0.2, 0.3])
+    assert [r.run_name for r in rows] == ["g-b_00001-lr0.0004", "g-b_00000-lr0.0001"]
+    header = report.format_table(rows, keys).splitlines()[0].split()
+    assert header[7:] == ["optimizer.lr", "epochs", "status", "run"]
+    markdown = report.markdown_table(rows, keys).splitlines()
+    assert markdown[0].startswith("| rank | best val AP | last val AP | optimizer.lr |")
+    records = list(csv.DictReader(io.StringIO(report.csv_table(rows, keys))))
+    assert [r["optimizer.lr"] for r in records] == ["0.0004", "0.0001"]
+    with caplog.at_level("INFO", logger="tune.report"):
+        assert report.heatmap_png(rows, keys, tmp_path / "heat.png", "g") is None
+    assert "needs two searched keys" in caplog.text and not (tmp_path / "heat.png").exists()
+
+
+def test_three_searched_keys_name_runs_and_draw_the_first_two(tmp_path) -> None:
+    keys = [SearchKey("optimizer.lr", "optimizer.lr", "lr"), SearchKey("model.taq", "taq", "taq", "query generation"),
+            SearchKey("data.name", "data", "d")]  # fmt: skip
+    values = [(1e-4, True, "a b"), (1e-4, False, "c"), (4e-4, True, "c"), (1e-4, True, "c")]
+    rows = _generic_rows(keys, values, [0.1, 0.2, 0.3, 0.4])
+    assert rows[0].run_name == "g-b_00003-lr0.0001-taqTrue-dc"
+    assert {r.run_name for r in rows} >= {"g-b_00000-lr0.0001-taqTrue-da_b"}  # a run name holds no space
+    table = report.format_table(rows, keys).splitlines()
+    assert table[0].split()[7:10] == ["optimizer.lr", "taq", "data"]
+    assert table[2].split()[3:6] == ["0.0001", "True", "c"]
+    records = list(csv.DictReader(io.StringIO(report.csv_table(rows, keys))))
+    assert (records[0]["optimizer.lr"], records[0]["model.taq"], records[0]["data.name"]) == ("0.0001", "True", "c")
+    png = report.heatmap_png(rows, keys, tmp_path / "heat.png", "g")
+    assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trial_run_name_of_the_two_knobs() -> None:
+    keys = _sweep_config(["sweep.extra={model.taq: [true, false]}"]).search_keys()
+    params = {ALIGN_PATH: 0.5, SPLIT_PATH: 1, "model.taq": False}
+    assert trial_run_name("sweep", "3f2a1_00002", params, keys[:2]) == "sweep-3f2a1_00002-w0.5-s1"
+    assert trial_run_name("sweep", "3f2a1_00002", params, keys) == "sweep-3f2a1_00002-w0.5-s1-taqFalse"
 
 
 # ---------------------------------------------------------------- Ray: resources, 2x2 sweep interrupted and resumed

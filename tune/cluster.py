@@ -10,11 +10,15 @@ group left behind keeps its CPUs/GPUs reserved and the next trial would wait for
 
 from __future__ import annotations
 
+import logging
+
 import ray
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.state import list_jobs, list_placement_groups
 
-from pipelines.training import ClusterTooSmallError
+from pipelines.ray_cluster import ClusterTooSmallError
+
+logger = logging.getLogger(__name__)
 
 _LIST_LIMIT = 10_000
 
@@ -49,7 +53,7 @@ def release_orphaned_placement_groups() -> int:
         }
         groups = list_placement_groups(address=address, limit=_LIST_LIMIT, detail=True)
     except Exception as error:  # State API unavailable: keep going, the cleaner may still work
-        print(f"warning: cannot list placement groups ({type(error).__name__}: {error})", flush=True)
+        logger.warning("cannot list placement groups (%s: %s)", type(error).__name__, error)
         return 0
     orphans = [
         group
@@ -61,5 +65,5 @@ def release_orphaned_placement_groups() -> int:
     for group in orphans:
         remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(group.placement_group_id)))
     if orphans:
-        print(f"Released {len(orphans)} placement group(s) left reserved by finished jobs", flush=True)
+        logger.info("Released %d placement group(s) left reserved by finished jobs", len(orphans))
     return len(orphans)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,31 @@ SPLIT_PATH = "model.query_split"
 METRIC = VAL_AP
 TIME_ATTR = "epochs_done"
 """ASHA's time attribute: epochs completed (1-based), added to every Tune result by the trial."""
+RESUME_FIXED_PREFIXES = ("sweep.align_loss_weight.", "sweep.query_split.", "sweep.extra.", "sweep.search",
+                         "sweep.num_samples", "sweep.seed", "model.", "matcher.", "loss.", "optimizer.")  # fmt: skip
+"""Flattened config keys a resumed sweep must keep: its search space and what defines a trial (model, loss,
+recipe). Data, scaling, storage and tracking settings may change."""
+
+
+@dataclass(frozen=True)
+class SearchKey:
+    """One searched config path and how trial run names, the tables and the AP heat map show it.
+
+    ``path``: dotted config path set on each trial (``loss.align_loss_weight``); ``label``: table column and
+    axis label; ``abbreviation``: prefix of its value in trial run names (``w`` in ``-w0.5``); ``note``: what the
+    value means, shown beside the axis label (may be empty).
+    """
+
+    path: str
+    label: str
+    abbreviation: str
+    note: str = ""
+
+
+def format_value(value: Any, digits: int = 3) -> str:
+    """A searched value as trial names, tables and axes show it: a float with ``digits`` significant digits,
+    anything else as ``str``."""
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
 def _check_grid(values: list, low: object, high: object) -> None:
@@ -221,6 +247,15 @@ class SweepConfig(TrainJobConfig):
         """The trials' base job config as JSON data (fields left unset stay unset, e.g. ``model.num_classes``,
         which the dataset then decides)."""
         return self.model_dump(mode="json", exclude={"sweep"}, exclude_unset=True)
+
+    def search_keys(self) -> list[SearchKey]:
+        """The searched config paths, in display order: the two SD-DETR knobs, then ``sweep.extra`` by path
+        (labelled by path, abbreviated by its last component in run names)."""
+        knobs = [
+            SearchKey(ALIGN_PATH, "align_loss_weight", "w"),
+            SearchKey(SPLIT_PATH, "query_split", "s", "first divided decoder layer"),
+        ]
+        return knobs + [SearchKey(path, path, path.rsplit(".", 1)[-1]) for path in sorted(self.sweep.extra)]
 
     def num_trials(self) -> int:
         """How many trials the sweep runs."""

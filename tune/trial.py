@@ -7,16 +7,24 @@ reach Tune through :class:`EpochReportCallback`, one Tune result per Train epoch
 
 from __future__ import annotations
 
+import logging
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from pipelines.cli import configure_logging
+from pipelines.run_outcome import finish_run
+from pipelines.run_setup import prepare_run
 from pipelines.tags import TRIAL_ID_TAG
 from pipelines.tracking import client_for
-from pipelines.training import build_trainer, finish_run, prepare_run
-from tune.config import ALIGN_PATH, SPLIT_PATH, TIME_ATTR, build_trial_config
+from pipelines.trainer import build_trainer
+from tune.config import TIME_ATTR, SearchKey, build_trial_config, format_value
+
+logger = logging.getLogger(__name__)
 
 
 class EpochReportCallback(TuneReportCallback):
@@ -36,18 +44,21 @@ class TrialSetup:
     """What every trial of a sweep shares (sent to the trial actors with ``tune.with_parameters``).
 
     ``job`` is the trials' base :class:`TrainJobConfig` as JSON data, with absolute paths and the dataset
-    already resolved by the driver.
+    already resolved by the driver; ``search_keys`` name the trials' runs.
     """
 
     job: dict[str, Any]
     sweep_name: str
     parent_run_id: str
+    search_keys: tuple[SearchKey, ...]
 
 
-def trial_run_name(sweep_name: str, trial_id: str, params: dict[str, Any]) -> str:
+def trial_run_name(sweep_name: str, trial_id: str, params: dict[str, Any], keys: Sequence[SearchKey]) -> str:
     """Deterministic Ray Train and MLflow run name of a trial: sweep name, Tune trial id (kept by
-    ``Tuner.restore``) and the two knobs, e.g. ``sweep-3f2a1_00002-w0.5-s1``."""
-    return f"{sweep_name}-{trial_id}-w{float(params[ALIGN_PATH]):.3g}-s{int(params[SPLIT_PATH])}"
+    ``Tuner.restore``) and each searched value after its key's abbreviation, e.g. ``sweep-3f2a1_00002-w0.5-s1``
+    (characters a run name cannot hold become ``_``)."""
+    values = "".join(f"-{key.abbreviation}{format_value(params[key.path])}" for key in keys)
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{sweep_name}-{trial_id}{values}")
 
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
@@ -56,11 +67,12 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
 
     When ASHA stops the trial, Tune kills this actor during ``fit``; the driver closes that child run.
     """
+    configure_logging()  # in the trial's actor: its stdout reaches the driver through Ray
     trial_id = ray.tune.get_context().get_trial_id()
-    run_name = trial_run_name(setup.sweep_name, trial_id, params)
+    run_name = trial_run_name(setup.sweep_name, trial_id, params, setup.search_keys)
     cfg = build_trial_config(setup.job, params, run_name)
     prepared = prepare_run(cfg, run_name=run_name, parent_run_id=setup.parent_run_id)
     client_for(prepared.tracking_uri).set_tag(prepared.run_id, TRIAL_ID_TAG, trial_id)
-    print(f"[trial {trial_id}] {params} -> MLflow run {prepared.run_id} ({run_name})", flush=True)
+    logger.info("[trial %s] %s -> MLflow run %s (%s)", trial_id, params, prepared.run_id, run_name)
     result = build_trainer(prepared, callbacks=[EpochReportCallback()]).fit()
     finish_run(prepared, result)

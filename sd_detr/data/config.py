@@ -10,21 +10,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from sd_detr.config import StrictModel
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class AugmentationConfig(BaseModel):
+class AugmentationConfig(StrictModel):
     """DETR's train augmentation and the eval resize (sizes in pixels of the decoded image).
 
     Train: horizontal flip, then either a multi-scale resize of the shorter side (longer side capped), or,
     with probability `crop_prob`, resize -> random crop -> multi-scale resize; then ImageNet normalization.
     Eval: resize of the shorter side to `eval_size` (longer side capped), normalization.
     """
-
-    model_config = ConfigDict(extra="forbid")
 
     train_scales: list[int] = Field(
         default=[128, 144, 160, 176, 192],
@@ -65,10 +65,8 @@ class AugmentationConfig(BaseModel):
         return self
 
 
-class LoaderConfig(BaseModel):
+class LoaderConfig(StrictModel):
     """How shards are streamed into training/evaluation batches (Ray Data path and DataLoader path)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     batch_size: int = Field(default=4, gt=0, description="Images per batch, per training worker.")
     shuffle: Literal["none", "files", "window", "rows"] = Field(
@@ -108,10 +106,8 @@ class LoaderConfig(BaseModel):
     )
 
 
-class ConvertConfig(BaseModel):
+class ConvertConfig(StrictModel):
     """COCO instances json + image folder -> Parquet shards (`pipelines/prepare_data.py coco`)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     annotations: Path = Field(description="COCO instances json (e.g. annotations/instances_train2017.json).")
     images: Path = Field(description="Folder the json's `file_name`s are relative to.")
@@ -161,10 +157,8 @@ class ConvertConfig(BaseModel):
         return path
 
 
-class SyntheticConfig(BaseModel):
+class SyntheticConfig(StrictModel):
     """The built-in synthetic COCO-format dataset (shapes on textured backgrounds)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     seed: int = Field(default=0, description="Generator seed; the same seed gives identical bytes.")
     num_train: int = Field(default=400, ge=1, description="Train images.")

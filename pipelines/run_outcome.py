@@ -1,0 +1,147 @@
+"""The end of a training run on the driver: send what the workers could not log, register the best
+checkpoint's model, close the MLflow run and log the job's summary."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray.train
+
+from pipelines.checkpoint import load_checkpoint_state
+from pipelines.config import TrainJobConfig
+from pipelines.metrics_outbox import RunStorage, TrackingOutbox, bound_http_retries
+from pipelines.model_artifact import write_checkpoint_model_files
+from pipelines.run_setup import PreparedRun
+from pipelines.tracking import client_for, register_model
+from sd_detr.names import BEST_VAL_AP, VAL_AP
+
+logger = logging.getLogger(__name__)
+
+FINAL_FLUSH_DELAYS_S = (2.0, 5.0, 10.0, 15.0, 30.0)
+"""Pauses between the driver's attempts to send what the workers could not log, at the end of a job (about a
+minute in all before the job gives up and exits non-zero)."""
+
+
+@dataclass
+class TrainingOutcome:
+    """What a finished run left behind."""
+
+    run_id: str
+    best_val_ap: float
+    best_epoch: int
+    checkpoint_path: str | None
+    registered_version: str | None
+    aliased: bool
+    metrics: dict
+
+
+class TrackingIncompleteError(RuntimeError):
+    """Training finished and its checkpoints are saved, but MLflow could not be reached to log everything or
+    to register the model; the message says what is missing and the command that completes it later."""
+
+    def __init__(self, message: str, outcome: TrainingOutcome) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+def select_best_checkpoint(result: ray.train.Result) -> tuple[ray.train.Checkpoint | None, dict]:
+    """The kept checkpoint with the highest val AP and its metrics, or ``(None, {})`` when none has one."""
+    scored = [(c, m) for c, m in (result.best_checkpoints or []) if m and VAL_AP in m]
+    return max(scored, key=lambda item: item[1][VAL_AP]) if scored else (None, {})
+
+
+def register_checkpoint(prepared: PreparedRun, checkpoint: ray.train.Checkpoint, val_ap: float) -> tuple[str, bool]:
+    """Log the model of ``checkpoint`` to the prepared run, register it under ``tracking.model_name`` and move
+    ``tracking.alias`` when ``val_ap`` beats the aliased version's. Returns (version, aliased)."""
+    with checkpoint.as_directory() as directory:
+        return register_checkpoint_dir(prepared, directory, val_ap)
+
+
+def register_checkpoint_dir(prepared: PreparedRun, directory: str | Path, val_ap: float) -> tuple[str, bool]:
+    """:func:`register_checkpoint` for a checkpoint folder on this machine."""
+    cfg = prepared.config
+    state = load_checkpoint_state(directory)
+    # The registered model is a pyfunc model of safetensors + JSON files (pipelines/serving.py), no pickle.
+    with tempfile.TemporaryDirectory(prefix="sd-detr-model-") as model_dir:
+        paths, example = write_checkpoint_model_files(
+            model_dir, state["model"], cfg, cfg.data.val_dir, cfg.data.augmentation
+        )
+        return register_model(
+            prepared.tracking_uri, prepared.run_id, paths, example, cfg.tracking.model_name, cfg.tracking.alias,
+            val_ap, {"epoch": int(state["epoch"]), VAL_AP: float(val_ap)},
+        )  # fmt: skip
+
+
+def finish_run(prepared: PreparedRun, result: ray.train.Result) -> TrainingOutcome:
+    """Close the MLflow run of a fitted trainer: send what the workers could not log, register the best
+    checkpoint's model and move the alias.
+
+    Raises:
+        RuntimeError: training itself failed (the run is marked FAILED when MLflow answers).
+        TrackingIncompleteError: training finished but MLflow stayed unreachable (after about a minute of
+            retries, :data:`FINAL_FLUSH_DELAYS_S`): the unsent metrics stay in the run's storage folder and
+            the message holds the `pipelines/register.py` command that logs them and registers the model.
+    """
+    cfg, client = prepared.config, client_for(prepared.tracking_uri)
+    bound_http_retries()
+    outbox = TrackingOutbox.open(client, prepared.run_id, RunStorage(cfg.training.storage_path, cfg.training.run_name))
+    if result.error is not None:
+        try:
+            outbox.flush(FINAL_FLUSH_DELAYS_S[:2])
+            client.set_terminated(prepared.run_id, status="FAILED")
+        except Exception as error:  # the training error is the one to report
+            logger.warning("could not mark MLflow run %s FAILED: %s", prepared.run_id, error)
+        raise RuntimeError(f"training run {cfg.training.run_name!r} failed: {result.error}") from result.error
+    best_checkpoint, best_metrics = select_best_checkpoint(result)
+    returned = result.return_value or {}
+    outcome = TrainingOutcome(
+        run_id=prepared.run_id,
+        best_val_ap=float(best_metrics.get(VAL_AP, returned.get(BEST_VAL_AP, float("nan")))),
+        best_epoch=int(best_metrics.get("epoch", returned.get("best_epoch", -1))),
+        checkpoint_path=best_checkpoint.path if best_checkpoint is not None else None,
+        registered_version=None,
+        aliased=False,
+        metrics=dict(result.metrics or {}),
+    )
+    register = best_checkpoint is not None and cfg.tracking.register_model
+    try:
+        if not outbox.flush(FINAL_FLUSH_DELAYS_S):
+            raise ConnectionError(outbox.last_error)
+        if register:
+            outcome.registered_version, outcome.aliased = register_checkpoint(
+                prepared, best_checkpoint, float(best_metrics[VAL_AP])
+            )
+        client.set_terminated(prepared.run_id, status="FINISHED")
+    except Exception as error:
+        missing = [outbox.describe()] if outbox.pending or outbox.unsent_artifacts() else []
+        if register and outcome.registered_version is None:
+            missing.append(f"the model of {outcome.checkpoint_path} (not registered)")
+        command = f"python pipelines/register.py --checkpoint {outcome.checkpoint_path}"
+        if not register:
+            command += " --no-register"
+        raise TrackingIncompleteError(
+            f"training run {cfg.training.run_name!r} finished (checkpoints in {cfg.training.storage_path}/"
+            f"{cfg.training.run_name}) but MLflow at {prepared.tracking_uri} could not be reached to finish it "
+            f"({type(error).__name__}: {str(error)[:200]}).\n  not logged: {'; '.join(missing) or 'run status'}\n"
+            f"  kept in: {outbox.storage.uri}\n  when MLflow is back, run: {command}",
+            outcome,
+        ) from error
+    return outcome
+
+
+def log_summary(outcome: TrainingOutcome, cfg: TrainJobConfig) -> None:
+    """Log the end-of-job summary at INFO (stdout under :func:`pipelines.cli.configure_logging`): best AP,
+    checkpoint, registered version, MLflow run id."""
+    lines = [
+        "== sd-detr training finished",
+        f"   best val AP   : {outcome.best_val_ap:.4f} (epoch {outcome.best_epoch})",
+        f"   checkpoint    : {outcome.checkpoint_path}",
+    ]
+    if outcome.registered_version is not None:
+        alias = f", alias @{cfg.tracking.alias} moved" if outcome.aliased else f", @{cfg.tracking.alias} kept"
+        lines.append(f"   registered    : models:/{cfg.tracking.model_name}/{outcome.registered_version}{alias}")
+    lines.append(f"   MLflow run id : {outcome.run_id}")
+    logger.info("\n".join(lines))
