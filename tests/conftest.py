@@ -110,7 +110,22 @@ def corrupt_shard_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFac
     return out, corrupt_id
 
 
+# A fixture that brings up a costly resource -> the marker every test using it (directly or through another
+# fixture) must carry, so that `-m "not ray and not server"` really leaves that resource out.
+COSTLY_FIXTURE_MARKERS = {"ray_local": "ray", "mlflow_server": "server"}
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run the `ray job submit` test first: it starts its own `ray start --head` cluster, which should not
-    share the machine with the session's local Ray (both would claim the default dashboard agent ports)."""
-    items.sort(key=lambda item: 0 if item.module.__name__.endswith("test_job_submit") else 1)
+    """Fail the collection when a test uses `ray_local` or `mlflow_server` without its marker.
+
+    Only checks; it neither reorders nor deselects: no test depends on the order the suite runs in.
+    """
+    unmarked = [
+        f"{item.nodeid} uses {fixture} but is not marked @pytest.mark.{marker}"
+        for item in items
+        for fixture, marker in COSTLY_FIXTURE_MARKERS.items()
+        if fixture in getattr(item, "fixturenames", ()) and item.get_closest_marker(marker) is None
+    ]
+    if unmarked:
+        raise pytest.UsageError("tests without the marker of the resource they start:\n" + "\n".join(unmarked))

@@ -280,6 +280,7 @@ def test_mlflow_serves_artifacts_from_s3_and_postgres(services: dict[str, dict[s
     assert {"mlflow", "mlflow:5000"} <= set(allowed)
 
 
+@pytest.mark.server
 def test_mlflow_allowed_hosts_admit_the_service_name_on_a_real_server(
     services: dict[str, dict[str, Any]], tmp_path: Path
 ) -> None:
@@ -432,6 +433,7 @@ def _run_users_script(url: str, admin: tuple[str, str], pipeline: tuple[str, str
     )
 
 
+@pytest.mark.server
 def test_basic_auth_on_a_real_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`mlflow server --app-name basic-auth` with docker/basic_auth.ini: anonymous and wrong logins get 401,
     the admin gets in, docker/mlflow_users.py creates the pipeline user (twice: idempotent), and the pipeline

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from pipelines.config import TrainJobConfig
 from pipelines.ddp import build_worker_detector, seed_worker, worker_seed
 from pipelines.distributed_eval import evaluate, ground_truth_coco
-from pipelines.ray_data import split_rows
+from pipelines.row_selection import split_rows
 from sd_detr.config import load_config
 from sd_detr.data.collate import pad_and_collate
 from sd_detr.data.dataset import ShardDataset
@@ -68,7 +68,9 @@ def test_val_shares_refuse_zero_parts(synthetic_root: Path) -> None:
 def test_val_share_datasets_decode_exactly_their_share(ray_local, synthetic_root: Path, materialize: bool) -> None:
     from ray.data.dataset import MaterializedDataset
 
-    from pipelines.ray_data import build_datasets, iter_detection_batches, val_share_name
+    from pipelines.ray_data import build_datasets
+    from pipelines.row_selection import val_share_name
+    from pipelines.torch_batches import iter_detection_batches
 
     cfg = _tiny_config()
     loader = cfg.data.loader.model_copy(update={"materialize_val": materialize})
@@ -177,7 +179,8 @@ def _evaluate_checkpoint_loop(config: dict) -> None:
 
     from pipelines.distributed_eval import evaluate, ground_truth_coco
     from pipelines.inference import load_checkpoint_model
-    from pipelines.ray_data import iter_detection_batches, val_share_name
+    from pipelines.row_selection import val_share_name
+    from pipelines.torch_batches import iter_detection_batches
 
     cfg = TrainJobConfig.model_validate(config["config"])
     rank = ray.train.get_context().get_world_rank()

@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.pipeline_helpers import REPO, tiny_job_overrides
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 RAY = str(Path(sys.executable).parent / "ray")
 
 
@@ -34,7 +34,13 @@ def _free_ports(count: int) -> list[int]:
 
 @pytest.fixture
 def ray_head(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
-    """A separate Ray head started with `ray start --head --block`; yields (job API address, env)."""
+    """A separate Ray head started with `ray start --head --block`; yields (job API address, env).
+
+    Every port that `ray start` would otherwise take from a fixed default (GCS 6379, dashboard 8265, dashboard
+    agent 52365, client server 10001, workers 10002-19999) is a free one, or, for workers, one the OS picks at
+    bind time; the other components bind random ports by default. The head can therefore run beside the
+    session's local Ray (`ray_local`), whichever started first.
+    """
     gcs, dashboard, agent, client = _free_ports(4)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
@@ -42,7 +48,8 @@ def ray_head(tmp_path: Path) -> Iterator[tuple[str, dict[str, str]]]:
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs}", "--num-cpus=3", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={agent}",
-         f"--ray-client-server-port={client}", "--disable-usage-stats"],
+         f"--ray-client-server-port={client}", "--min-worker-port=0", "--max-worker-port=0",
+         "--disable-usage-stats"],
         stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )  # fmt: skip
     address = f"http://127.0.0.1:{dashboard}"

@@ -26,6 +26,8 @@ from tests.mlflow_server import (
 )
 from tests.registry_helpers import register_tiny_model
 
+pytestmark = pytest.mark.server
+
 
 @pytest.fixture
 def tracking_uri(mlflow_server: str) -> Iterator[str]:

@@ -14,7 +14,7 @@ from pipelines.training import run_training
 from tests.mlflow_server import session_server_root
 from tests.pipeline_helpers import tiny_job_config
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.server, pytest.mark.slow]
 
 
 def test_training_logs_to_a_tracking_server_and_registers_by_alias(

@@ -17,7 +17,7 @@ from pipelines.inference import Predictor, list_images, load_checkpoint_model, l
 from pipelines.training import run_training
 from tests.pipeline_helpers import REPO, tiny_job_config, tiny_job_overrides
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def plt_image_shape(path: str) -> tuple[int, ...]:

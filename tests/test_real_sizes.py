@@ -81,6 +81,7 @@ def targets_for(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
 # ---- geometry ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_resnet18_and_resnet50_share_the_c5_geometry_and_masks_are_each_images_extent() -> None:
     torch.manual_seed(0)
     images, mask = pad_batch([random_image(96, 160, 0), random_image(480, 480, 1), random_image(32, 32, 2)])
@@ -106,6 +107,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_taq_with_300_slots_trains_a_step_and_predicts(layout: str) -> None:
     sizes, expected_anchors = LAYOUTS[layout]
@@ -171,6 +173,7 @@ def test_encoder_loss_on_a_one_cell_map_is_the_loss_of_its_one_anchor() -> None:
 # ---- fp32 boxes under autocast -----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("variant", "taq"),
     [("conditional_detr", False), ("sd_detr", False), ("sd_detr", True)],
@@ -209,6 +212,7 @@ TRANSFORMER_PREFIXES = (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("variant", "taq"),
     [("conditional_detr", False), ("sd_detr", False), ("sd_detr", True)],
@@ -278,6 +282,7 @@ def _alone_and_in_company(model: Detector, image: torch.Tensor, companions: list
                 assert_same_detections(alone_detections, detections, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", ["frozen_batchnorm", "group_norm"])
 @pytest.mark.parametrize(
     ("variant", "taq"),
@@ -294,6 +299,7 @@ def test_predictions_do_not_depend_on_batch_companions(variant: str, taq: bool, 
     _alone_and_in_company(model, image, [random_image(256, 320, 1), random_image(64, 96, 2)])
 
 
+@pytest.mark.slow
 def test_real_size_predictions_do_not_depend_on_batch_companions() -> None:
     """A 480x480 image (225 cells < 300 slots) alone vs. beside an 800x1333 and a 32x32 image, SD-DETR + TAQ."""
     model = build_detector(paper_geometry().model, seed=0).eval()

@@ -188,6 +188,7 @@ def test_alignment_loss_equals_hand_computation() -> None:
     assert float(loss.total) == pytest.approx(float(expected), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_zero_alignment_weight_equals_the_model_without_the_term() -> None:
     images, padding_mask, targets = toy_batch()
     config = DetectorConfig(model=small_model_config(num_queries=8), loss=LossConfig(align_loss_weight=0.0))
@@ -268,6 +269,7 @@ def _stream_parameters(model) -> tuple[dict, dict]:
     return cls_only, loc_only
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("taq", [True, False])
 def test_class_and_box_gradients_stay_in_their_stream(taq: bool) -> None:
     config = DetectorConfig(model=small_model_config(num_queries=8, taq=taq))
@@ -288,6 +290,7 @@ def test_class_and_box_gradients_stay_in_their_stream(taq: bool) -> None:
 # ---- every ablation config builds and trains a step ---------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant_file", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_every_variant_config_trains_a_step(variant_file: str) -> None:
     config = load_config(
