@@ -1,10 +1,12 @@
-"""Padding collate shared by the Ray Data path and the `torch.utils.data.DataLoader` path."""
+"""Padding collates: `pad_and_collate` of normalized samples (the `torch.utils.data.DataLoader` path, prediction)
+and `pad_and_normalize` of uint8 images (the Ray Data path, which ships uint8 and normalizes per batch)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from sd_detr.data.samples import CorruptSample, Target
@@ -75,3 +77,33 @@ def pad_and_collate(samples: Sequence[tuple[torch.Tensor, Target] | CorruptSampl
         num_corrupt=len(corrupt),
         corrupt_image_ids=[s.image_id for s in corrupt],
     )
+
+
+def pad_and_normalize(
+    images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images [3, H_i, W_i] -> (float32 [B, 3, H, W] normalized, bool padding mask [B, H, W]).
+
+    Each image is normalized as `sd_detr.data.transforms.normalize_image` does ((x / 255 - mean) / std in
+    float32, the same values bit for bit) straight into its slot of the zero-padded batch, bottom/right
+    padding to the largest H and W, so the result equals `pad_and_collate` of normalized samples. NumPy,
+    not torch: one pass per image, and no intra-op threads competing with a training step that runs at the
+    same time (the Ray iterator collates in a background thread).
+    """
+    for image in images:
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected an image of shape [3, H, W], got {tuple(image.shape)}")
+    height = max((image.shape[1] for image in images), default=0)
+    width = max((image.shape[2] for image in images), default=0)
+    batch = np.zeros((len(images), 3, height, width), dtype=np.float32)
+    padding_mask = np.ones((len(images), height, width), dtype=bool)
+    mean_column = np.asarray(mean, dtype=np.float32).reshape(3, 1, 1)
+    std_column = np.asarray(std, dtype=np.float32).reshape(3, 1, 1)
+    for index, image in enumerate(images):
+        h, w = image.shape[1:]
+        slot = batch[index, :, :h, :w]
+        np.divide(image, np.float32(255.0), out=slot, dtype=np.float32)
+        slot -= mean_column
+        slot /= std_column
+        padding_mask[index, :h, :w] = False
+    return torch.from_numpy(batch), torch.from_numpy(padding_mask)
