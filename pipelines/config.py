@@ -75,8 +75,8 @@ class TrainingSection(StrictModel):
     compile: bool = Field(
         False,
         description="Compile the detector's encoder and decoder with torch.compile (TorchInductor, dynamic shapes; "
-        "the backbone stays eager): faster steps after a slow first few (compilation). Same losses within float "
-        "rounding.",
+        "the backbone stays eager); the first steps compile (minutes on CPU). Same losses within float rounding. "
+        "On a 2-core CPU training steps were slower, inference faster (docs/benchmarks.md); GPUs not measured.",
     )
     ray_console: Literal["quiet", "verbose"] = Field(
         "quiet",

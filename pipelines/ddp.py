@@ -5,7 +5,7 @@ Nothing here imports Ray; with no process group initialized every function acts 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
 import numpy as np
@@ -71,25 +71,52 @@ def all_gather(value: T) -> list[T]:
     return values
 
 
-def synchronized_batches(batches: Iterable[DetectionBatch], device: torch.device) -> Iterator[DetectionBatch]:
+_host_groups: dict[int, dist.ProcessGroup] = {}
+
+
+def _host_group() -> dist.ProcessGroup | None:
+    """A process group whose collectives run on the host: None (the default group) when that is gloo, else a
+    gloo group over the same ranks, made once per default group (a collective: every rank calls it first
+    at the same point, the first :func:`synchronized_batches`)."""
+    if dist.get_backend() == "gloo":
+        return None
+    key = id(dist.group.WORLD)
+    if key not in _host_groups:
+        _host_groups[key] = dist.new_group(backend="gloo")
+    return _host_groups[key]
+
+
+def _count_over_ranks(flags: list[bool]) -> list[int]:
+    """For each flag, how many ranks raised it: a sum on the host (gloo), so it never waits for a GPU."""
+    counts = torch.tensor(flags, dtype=torch.int64)
+    dist.all_reduce(counts, group=_host_group())
+    return counts.tolist()
+
+
+def synchronized_batches(
+    batches: Iterable[DetectionBatch], on_skip: Callable[[DetectionBatch], None] | None = None
+) -> Iterator[DetectionBatch]:
     """Yield batches only while every rank has one, so all ranks run the same number of DDP steps.
 
-    A step where some rank's batch is empty (all its images corrupt) is skipped by all ranks; when one rank
-    runs out, the others drain their iterators without training.
+    A step where some rank's batch is empty (all its images corrupt) is skipped by all ranks; once one rank
+    runs out, the others drain their iterators without training. Each batch of this rank that is not yielded
+    goes to ``on_skip`` (so its corrupt rows can still be counted). The ranks agree through one CPU
+    collective per batch (gloo), so a CUDA step never waits here for the device (with NCCL a device tensor
+    would).
     """
-    iterator = iter(batches)
-    for batch in iterator:
-        status = torch.tensor([2 if len(batch) else 1], device=device)
-        if distributed():
-            dist.all_reduce(status, op=dist.ReduceOp.MIN)
-        if int(status) == 2:
+    iterator, exhausted = iter(batches), False
+    world = dist.get_world_size() if distributed() else 1
+    while True:
+        batch = None if exhausted else next(iterator, None)
+        exhausted = batch is None
+        flags = [exhausted, batch is not None and not len(batch)]
+        ranks_exhausted, ranks_empty = _count_over_ranks(flags) if world > 1 else [int(f) for f in flags]
+        if ranks_exhausted == world:
+            return
+        if ranks_exhausted == 0 and ranks_empty == 0:
             yield batch
-    if distributed():  # this rank is exhausted: tell the others until they are too
-        while True:
-            status = torch.tensor([0], device=device)
-            dist.all_reduce(status, op=dist.ReduceOp.MAX)
-            if int(status) == 0:
-                break
+        elif batch is not None and on_skip is not None:
+            on_skip(batch)
 
 
 def worker_seed(seed: int, rank: int, epoch: int = 0) -> int:

@@ -107,7 +107,11 @@ def train_one_epoch(
     sums = {"steps": 0.0, "images": 0.0, "corrupt": 0.0, "data_wait_s": 0.0, "first_batch_s": 0.0}
     started = time.perf_counter()
     estimate = steps_per_epoch
-    iterator = synchronized_batches(batches, device)
+
+    def count_skipped(batch: DetectionBatch) -> None:  # a batch some rank could not train on
+        sums["corrupt"] += batch.num_corrupt
+
+    iterator = synchronized_batches(batches, on_skip=count_skipped)
     for step in itertools.count():
         waiting = time.perf_counter()
         batch = next(iterator, None)

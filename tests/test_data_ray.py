@@ -31,7 +31,8 @@ def _same(a: list[DetectionBatch], b: list[DetectionBatch]) -> bool:
 
 
 def test_ray_eval_batches_equal_the_dataloader_batches(ray_local, synthetic_root: Path) -> None:
-    from pipelines.ray_data import build_detection_dataset, iter_detection_batches
+    from pipelines.ray_data import build_detection_dataset
+    from pipelines.torch_batches import iter_detection_batches
 
     aug, loader = AugmentationConfig(), LoaderConfig(batch_size=4, decode_batch_size=4)
     ray_batches = list(
@@ -47,10 +48,27 @@ def test_ray_eval_batches_equal_the_dataloader_batches(ray_local, synthetic_root
             assert target["labels"].dtype == torch.int64 and target["orig_size"].dtype == torch.int64
 
 
+def test_pad_and_normalize_equals_the_dataloader_collate_of_normalized_images() -> None:
+    import numpy as np
+
+    from sd_detr.data.collate import pad_and_collate, pad_and_normalize
+    from sd_detr.data.transforms import normalize_image
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (3, *rng.integers(4, 40, 2)), dtype=np.uint8) for _ in range(12)]
+    aug = AugmentationConfig()
+    pixels, padding_mask = pad_and_normalize(images, aug.mean, aug.std)
+    reference = pad_and_collate([(normalize_image(torch.from_numpy(i), aug.mean, aug.std), {}) for i in images])
+    assert torch.equal(pixels, reference.images) and torch.equal(padding_mask, reference.padding_mask)
+    empty, empty_mask = pad_and_normalize([], aug.mean, aug.std)
+    assert empty.shape == (0, 3, 0, 0) and empty_mask.shape == (0, 0, 0)
+
+
 def test_materialized_val_set_gives_the_streamed_batches_every_epoch(ray_local, synthetic_root: Path) -> None:
     from ray.data.dataset import MaterializedDataset
 
-    from pipelines.ray_data import build_datasets, iter_detection_batches
+    from pipelines.ray_data import build_datasets
+    from pipelines.torch_batches import iter_detection_batches
 
     aug = AugmentationConfig()
     cached_loader = LoaderConfig(batch_size=4, decode_batch_size=4)
@@ -66,7 +84,8 @@ def test_materialized_val_set_gives_the_streamed_batches_every_epoch(ray_local, 
 
 @pytest.mark.parametrize("shuffle", ["rows", "window"])
 def test_ray_train_pipeline_is_seeded_and_varies_per_epoch(ray_local, synthetic_root: Path, shuffle: str) -> None:
-    from pipelines.ray_data import build_detection_dataset, iter_detection_batches
+    from pipelines.ray_data import build_detection_dataset
+    from pipelines.torch_batches import iter_detection_batches
 
     aug = AugmentationConfig()
 
@@ -99,7 +118,9 @@ def _shard_of(dataset_dir: Path) -> dict[int, str]:
 def test_window_shuffle_reorders_images_inside_shards_every_epoch(
     ray_local, synthetic_root: Path, window_rows: int | None
 ) -> None:
-    from pipelines.ray_data import build_detection_dataset, iter_detection_batches, shuffle_window_rows
+    from pipelines.ray_data import build_detection_dataset
+    from pipelines.torch_batches import iter_detection_batches
+    from pipelines.window_shuffle import shuffle_window_rows
 
     train_dir, aug = synthetic_root / "train", AugmentationConfig()
     window_mb = LoaderConfig().shuffle_window_mb
@@ -146,7 +167,8 @@ def load_meta_ids(dataset_dir: Path) -> list[int]:
 
 
 def test_ray_skips_and_counts_a_corrupt_row(ray_local, corrupt_shard_dir) -> None:
-    from pipelines.ray_data import build_detection_dataset, iter_detection_batches
+    from pipelines.ray_data import build_detection_dataset
+    from pipelines.torch_batches import iter_detection_batches
 
     shard_dir, corrupt_id = corrupt_shard_dir
     aug, loader = AugmentationConfig(), LoaderConfig(batch_size=2, decode_batch_size=2)
@@ -160,7 +182,7 @@ def _worker_loop(config: dict) -> None:
     """Runs in each Train worker: iterate the train shard and the full val set once, record image ids."""
     import ray.train
 
-    from pipelines.ray_data import iter_detection_batches
+    from pipelines.torch_batches import iter_detection_batches
 
     loader, aug = LoaderConfig(**config["loader"]), AugmentationConfig()
     context = ray.train.get_context()

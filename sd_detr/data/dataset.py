@@ -1,7 +1,8 @@
 """Plain `torch.utils.data` access to the shards (no Ray): tests, benchmarks, single-process tools.
 
 The training pipeline streams the same shards with Ray Data (`pipelines/ray_data.py`); both paths decode
-with `sd_detr.data.samples.decode_row` and batch with `pad_and_collate`.
+with `sd_detr.data.samples.decode_row`. This path normalizes per image and batches with `pad_and_collate`,
+the Ray path ships uint8 and batches with `pad_and_normalize`: the same values.
 """
 
 from __future__ import annotations
