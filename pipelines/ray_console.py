@@ -8,6 +8,7 @@ import re
 from typing import Literal
 
 from ray._private import ray_constants, ray_logging
+from ray._private.log import PlainRayHandler
 
 RayConsole = Literal["quiet", "verbose"]
 
@@ -43,7 +44,9 @@ def apply_ray_console(mode: RayConsole) -> None:
     for deduplicator in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
         deduplicator.skip_re = skip
     for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler):  # the console, not Ray Data's log file
+        # only Ray Data's own console handler: a handler someone else put on this logger (a test harness's
+        # capture handler, an application's) is not Ray's to filter, and may be shared with other loggers
+        if isinstance(handler, PlainRayHandler):
             if mode == "quiet":
                 handler.addFilter(_shown_on_quiet_console)
             else:

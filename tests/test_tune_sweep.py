@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import logging
 import math
 import os
 import re
@@ -174,11 +173,7 @@ def _generic_rows(keys: list[SearchKey], values: list[tuple], aps: list[float]) 
     return report.sort_rows(rows)
 
 
-def test_one_searched_key_names_tables_and_skips_the_heat_map(tmp_path, caplog, monkeypatch) -> None:
-    # independent of what earlier tests did to logging (a library's dictConfig may disable existing loggers)
-    for name in ("tune.report", "tune"):
-        monkeypatch.setattr(logging.getLogger(name), "disabled", False)
-        monkeypatch.setattr(logging.getLogger(name), "propagate", True)
+def test_one_searched_key_names_tables_and_skips_the_heat_map(tmp_path, caplog) -> None:
     keys = [SearchKey("optimizer.lr", "optimizer.lr", "lr")]
     rows = _generic_rows(keys, [(1e-4,), (4e-4,)], [0.2, 0.3])
     assert [r.run_name for r in rows] == ["g-b_00001-lr0.0004", "g-b_00000-lr0.0001"]
