@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torchvision.io import write_png
-from torchvision.utils import draw_bounding_boxes
 
 from pipelines.cli import add_config_arguments, configure_logging, fail, flag_fields, load_or_exit
 from pipelines.inference import LoadedModel, Predictor, list_images, load_model
+from pipelines.reporting import draw_boxes
 from sd_detr.box_ops import xyxy_to_xywh
 from sd_detr.data.samples import decode_image
 
@@ -112,7 +112,7 @@ def draw(path: Path, detection: dict, loaded: LoadedModel, threshold: float, fol
     ]
     folder.mkdir(parents=True, exist_ok=True)
     write_png(
-        draw_bounding_boxes(image, detection["boxes"][keep], labels=labels, colors="red"),
+        draw_boxes(image, detection["boxes"][keep], labels=labels, colors="red"),
         str(folder / f"{path.stem}.png"),
     )
 

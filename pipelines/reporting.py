@@ -58,8 +58,14 @@ def draw_predictions(image: torch.Tensor, target: dict, detection: dict, mean, s
     keep = detection["scores"] > SCORE_THRESHOLD
     predicted = detection["boxes"][keep] * size_scale(height / orig_h, width / orig_w)
     labels = [f"{int(c)}:{s:.2f}" for c, s in zip(detection["labels"][keep], detection["scores"][keep], strict=True)]
-    pixels = draw_bounding_boxes(pixels, truth, colors="lime", width=1)
-    return draw_bounding_boxes(pixels, predicted, labels=labels, colors="red", width=1)
+    pixels = draw_boxes(pixels, truth, colors="lime", width=1)
+    return draw_boxes(pixels, predicted, labels=labels, colors="red", width=1)
+
+
+def draw_boxes(pixels: torch.Tensor, boxes: torch.Tensor, **style) -> torch.Tensor:
+    """torchvision's ``draw_bounding_boxes`` of ``boxes`` [n, 4] pixel xyxy on uint8 ``pixels`` [3, h, w]; with no
+    box, ``pixels`` as they are (torchvision would warn about every empty image)."""
+    return draw_bounding_boxes(pixels, boxes, **style) if len(boxes) else pixels
 
 
 def log_evaluation_artifacts(

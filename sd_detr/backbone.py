@@ -66,7 +66,7 @@ def _last_out_channels(module: nn.Module) -> int:
 class Backbone(nn.Module):
     """A feature trunk split into five units ``stem``, ``layer1`` (stride 4), ``layer2`` (8), ``layer3`` (16),
     ``layer4`` (32), of which ``trainable_layers`` train (counted from layer4 down to the stem; the rest are
-    frozen). ``feature_level: c4`` drops ``layer4`` (stride 16). Exposes ``num_channels`` and ``stride``.
+    frozen). ``feature_level: c4`` drops ``layer4`` (stride 16), ``c3`` also ``layer3`` (stride 8). Exposes ``num_channels`` and ``stride``.
 
     Weights come only from ``weights_path`` (a local torchvision state_dict of the family); nothing is
     downloaded. Subclasses fill the five units from a torchvision network.
@@ -75,17 +75,20 @@ class Backbone(nn.Module):
     num_channels: int
     stride: int
 
-    def _finish(self, config: BackboneConfig, c4_channels: int, c5_channels: int) -> None:
-        """Drop layer4 for C4, freeze the units beyond ``trainable_layers``, set ``num_channels``/``stride``."""
-        use_c4 = config.feature_level == "c4"
-        if use_c4:
+    def _finish(self, config: BackboneConfig, c3_channels: int, c4_channels: int, c5_channels: int) -> None:
+        """Drop the units above ``feature_level`` (layer4 for C4, layer3 and layer4 for C3), freeze the units
+        beyond ``trainable_layers``, set ``num_channels``/``stride``."""
+        level = config.feature_level
+        if level in ("c3", "c4"):
             self.layer4 = nn.Identity()
+        if level == "c3":
+            self.layer3 = nn.Identity()
         trainable = set(_STAGES[: config.trainable_layers])
         for name in _STAGES:
             for parameter in getattr(self, name).parameters():
                 parameter.requires_grad_(name in trainable)
-        self.num_channels = c4_channels if use_c4 else c5_channels
-        self.stride = 16 if (config.dilation or use_c4) else 32
+        self.num_channels = {"c3": c3_channels, "c4": c4_channels, "c5": c5_channels}[level]
+        self.stride = {"c3": 8, "c4": 16, "c5": 16 if config.dilation else 32}[level]
 
     def forward(self, images: Tensor, padding_mask: Tensor) -> FeatureMap:
         """images [B, 3, H, W] normalized, padding_mask [B, H, W] bool (True = padded; each image's valid
@@ -135,7 +138,7 @@ class ResNetBackbone(Backbone):
             load_backbone_weights(net, config)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        self._finish(config, net.fc.in_features // 2, net.fc.in_features)
+        self._finish(config, net.fc.in_features // 4, net.fc.in_features // 2, net.fc.in_features)
 
 
 class MobileNetV3Backbone(Backbone):
@@ -157,7 +160,9 @@ class MobileNetV3Backbone(Backbone):
             stride *= _block_stride(block)
             units[int(math.log2(stride)) - 1].append(block)
         self.stem, self.layer1, self.layer2, self.layer3, self.layer4 = (nn.Sequential(*unit) for unit in units)
-        self._finish(config, _last_out_channels(self.layer3), _last_out_channels(self.layer4))
+        self._finish(
+            config, _last_out_channels(self.layer2), _last_out_channels(self.layer3), _last_out_channels(self.layer4)
+        )
 
 
 class RegNetBackbone(Backbone):
@@ -172,7 +177,7 @@ class RegNetBackbone(Backbone):
         trunk = net.trunk_output
         self.stem = net.stem
         self.layer1, self.layer2, self.layer3, self.layer4 = trunk.block1, trunk.block2, trunk.block3, trunk.block4
-        self._finish(config, _last_out_channels(self.layer3), net.fc.in_features)
+        self._finish(config, _last_out_channels(self.layer2), _last_out_channels(self.layer3), net.fc.in_features)
 
 
 def build_backbone(config: BackboneConfig) -> Backbone:

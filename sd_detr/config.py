@@ -97,10 +97,10 @@ class BackboneConfig(StrictModel):
         description="frozen_batchnorm for pretrained weights (DETR); group_norm to train from scratch (32 groups, "
         "or the largest divisor of the channels below 32 where 32 does not divide: MobileNetV3 / RegNet widths).",
     )
-    feature_level: Literal["c5", "c4"] = Field(
+    feature_level: Literal["c5", "c4", "c3"] = Field(
         "c5",
-        description="Output of layer4 (C5, stride 32) or layer3 (C4, stride 16, the last block at stride "
-        "16; layer4 dropped).",
+        description="Output of layer4 (C5, stride 32), layer3 (C4, stride 16, the last block at stride 16; "
+        "layer4 dropped) or layer2 (C3, stride 8; layer3 and layer4 dropped: for small images).",
     )
     weights_path: Path | None = Field(
         None,
@@ -127,8 +127,10 @@ class BackboneConfig(StrictModel):
             raise ValueError(
                 f"backbone.dilation (DC5) needs resnet50/101; {self.name} {why} (use feature_level=c4 for stride 16)"
             )
-        if self.dilation and self.feature_level == "c4":
-            raise ValueError("backbone.dilation dilates layer4, which backbone.feature_level=c4 drops")
+        if self.dilation and self.feature_level != "c5":
+            raise ValueError(
+                f"backbone.dilation dilates layer4, which backbone.feature_level={self.feature_level} drops"
+            )
         return self
 
 

@@ -22,12 +22,12 @@ from sd_detr.model import build_detector
 from tests.test_real_sizes import pad_batch, random_image, targets_for
 
 SMALL = ["resnet10", "mobilenet_v3_small", "mobilenet_v3_large", "regnet_x_400mf", "regnet_y_400mf"]
-CHANNELS = {  # (C4, C5)
-    "resnet10": (256, 512),
-    "mobilenet_v3_small": (48, 576),
-    "mobilenet_v3_large": (112, 960),
-    "regnet_x_400mf": (160, 400),
-    "regnet_y_400mf": (208, 440),
+CHANNELS = {  # output channels of C3, C4, C5 (torchvision's architectures)
+    "resnet10": {"c3": 128, "c4": 256, "c5": 512},
+    "mobilenet_v3_small": {"c3": 24, "c4": 48, "c5": 576},
+    "mobilenet_v3_large": {"c3": 40, "c4": 112, "c5": 960},
+    "regnet_x_400mf": {"c3": 64, "c4": 160, "c5": 400},
+    "regnet_y_400mf": {"c3": 104, "c4": 208, "c5": 440},
 }
 SIZES = [(128, 160), (97, 131)]
 
@@ -38,12 +38,14 @@ def _scratch(name: str, **overrides: object) -> Backbone:
     return build_backbone(BackboneConfig.model_validate(config))
 
 
-@pytest.mark.parametrize("level", ["c5", "c4"])
+@pytest.mark.parametrize("level", ["c5", "c4", "c3"])
 @pytest.mark.parametrize("name", SMALL)
 def test_channels_stride_and_each_images_feature_extent(name: str, level: str) -> None:
     backbone = _scratch(name, feature_level=level).eval()
-    stride = 32 if level == "c5" else 16
-    assert backbone.stride == stride and backbone.num_channels == CHANNELS[name][level == "c5"]
+    stride = {"c5": 32, "c4": 16, "c3": 8}[level]
+    assert backbone.stride == stride and backbone.num_channels == CHANNELS[name][level]
+    dropped = {"c5": [], "c4": ["layer4"], "c3": ["layer3", "layer4"]}[level]
+    assert [unit for unit in ("layer3", "layer4") if isinstance(getattr(backbone, unit), nn.Identity)] == dropped
     images, mask = pad_batch([random_image(h, w, seed) for seed, (h, w) in enumerate(SIZES)])
     with torch.no_grad():
         out = backbone(images, mask)
@@ -95,7 +97,7 @@ def test_group_norm_groups_divide_every_width() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SMALL)
 def test_a_detector_with_it_trains_a_step_and_predicts(name: str) -> None:
-    level = "c4" if name.startswith("resnet") else "c5"
+    level = {"resnet": "c3", "mobilenet": "c5", "regnet": "c4"}[name.split("_")[0].rstrip("0123456789")]
     config = DetectorConfig.model_validate(
         {
             "model": {
@@ -122,7 +124,7 @@ def test_a_detector_with_it_trains_a_step_and_predicts(name: str) -> None:
     _, losses = compute_loss(model, criterion, images, mask, targets_for(2, seed=1))
     assert torch.isfinite(losses.total)
     losses.total.backward()
-    for unit in ("stem", "layer1", "layer4" if level == "c5" else "layer3"):
+    for unit in ("stem", "layer1", {"c5": "layer4", "c4": "layer3", "c3": "layer2"}[level]):
         grads = [p.grad for p in getattr(model.backbone, unit).parameters()]
         assert grads and all(g is not None for g in grads), unit
         assert sum(g.abs().sum() for g in grads) > 0, unit

@@ -99,3 +99,13 @@ def test_json_is_written_before_drawing(
     detections = json.loads(out.read_text())
     assert detections and {d["file_name"] for d in detections} == {"cmyk.jpg"}
     assert all(torch.isfinite(torch.tensor(d["bbox"])).all() for d in detections)
+
+
+def test_drawing_no_box_returns_the_image_without_a_warning(recwarn: pytest.WarningsRecorder) -> None:
+    from pipelines.reporting import draw_boxes
+
+    pixels = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8)
+    assert draw_boxes(pixels, torch.zeros(0, 4), colors="red") is pixels
+    drawn = draw_boxes(pixels, torch.tensor([[2.0, 3.0, 12.0, 15.0]]), colors="red", width=1)
+    assert drawn.shape == pixels.shape and not torch.equal(drawn, pixels)
+    assert not [w for w in recwarn if "box" in str(w.message)]
