@@ -70,9 +70,10 @@ def random_batch(batch_size: int, size: int, objects: int, num_classes: int, see
     generator = torch.Generator().manual_seed(seed)
     images = torch.zeros(batch_size, 3, size, size)
     padding_mask = torch.ones(batch_size, size, size, dtype=torch.bool)
-    targets = []
+    targets, image_sizes = [], []
     for index in range(batch_size):
         width = size - 16 * (index % 2)
+        image_sizes.append((size, width))  # what the collates record from the image shapes
         images[index, :, :, :width] = torch.randn(3, size, width, generator=generator)
         padding_mask[index, :, :width] = False
         centers = torch.rand(objects, 2, generator=generator) * 0.6 + 0.2
@@ -84,7 +85,7 @@ def random_batch(batch_size: int, size: int, objects: int, num_classes: int, see
             "orig_size": torch.tensor([size, width]),
             "size": torch.tensor([size, width]),
         })  # fmt: skip
-    return DetectionBatch(images=images, padding_mask=padding_mask, targets=targets)
+    return DetectionBatch(images=images, padding_mask=padding_mask, targets=targets, image_sizes=image_sizes)
 
 
 def python_frames() -> list[str]:

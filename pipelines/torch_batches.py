@@ -45,7 +45,8 @@ class DetectionCollateFn(NumpyBatchCollateFn):
                 }
             )
         pixels, padding_mask = pad_and_normalize(images, self.mean, self.std)
-        return DetectionBatch(pixels, padding_mask, targets, len(corrupt_ids), corrupt_ids)
+        sizes = [(int(image.shape[1]), int(image.shape[2])) for image in images]
+        return DetectionBatch(pixels, padding_mask, targets, len(corrupt_ids), corrupt_ids, sizes)
 
 
 def iter_detection_batches(

@@ -125,7 +125,7 @@ def train_one_epoch(
         batch = batch.to(device, non_blocking=True)
         losses = train_step(
             model, criterion, optimizer, batch.images, batch.padding_mask, batch.targets,
-            cfg.optimizer.grad_clip_norm, amp_dtype, scaler,
+            cfg.optimizer.grad_clip_norm, amp_dtype, scaler, batch.image_sizes,
         )  # fmt: skip
         meter.add(losses)
         sums["steps"] += 1

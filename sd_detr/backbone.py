@@ -4,6 +4,7 @@ feature map and its padding mask."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,15 @@ def valid_image_sizes(padding_mask: Tensor) -> list[tuple[int, int]]:
     return [(height, width) for height, width, _ in checks]
 
 
+def _checked_sizes(image_sizes: Sequence[tuple[int, int]], images: Tensor) -> list[tuple[int, int]]:
+    """``image_sizes`` as (int, int) pairs, one per image of ``images`` [B, 3, H, W], each within 1..H x 1..W."""
+    height, width = images.shape[-2:]
+    sizes = [(int(h), int(w)) for h, w in image_sizes]
+    if len(sizes) != images.shape[0] or not all(0 < h <= height and 0 < w <= width for h, w in sizes):
+        raise ValueError(f"image_sizes {sizes} do not fit a batch of {images.shape[0]} images of {height}x{width}")
+    return sizes
+
+
 def _block_stride(block: nn.Module) -> int:
     """Spatial stride of one feature block: the product of its strided convolutions' strides along a path
     (the largest stride of any one conv: torchvision's blocks downsample at most once)."""
@@ -90,16 +100,22 @@ class Backbone(nn.Module):
         self.num_channels = {"c3": c3_channels, "c4": c4_channels, "c5": c5_channels}[level]
         self.stride = {"c3": 8, "c4": 16, "c5": 16 if config.dilation else 32}[level]
 
-    def forward(self, images: Tensor, padding_mask: Tensor) -> FeatureMap:
+    def forward(
+        self, images: Tensor, padding_mask: Tensor, image_sizes: Sequence[tuple[int, int]] | None = None
+    ) -> FeatureMap:
         """images [B, 3, H, W] normalized, padding_mask [B, H, W] bool (True = padded; each image's valid
         pixels are the top-left rectangle) -> :class:`FeatureMap` of the batch's largest feature extent.
+
+        ``image_sizes`` (optional): each image's valid (height, width) in pixels, i.e.
+        :func:`valid_image_sizes` of the mask, computed by the caller where the mask is still on the host. Without
+        it they are read from ``padding_mask``, which on a GPU waits for the device once.
 
         Each image runs through the trunk on its own unpadded crop (images of equal size together), so its
         features never see the padding or its batch companions: padding zeros would enter GroupNorm's
         statistics and the convolutions at the image border (docs/method.md 1.1). The feature maps are then
         zero-padded to the largest one, and each image's mask is exactly its own feature extent.
         """
-        sizes = valid_image_sizes(padding_mask)
+        sizes = valid_image_sizes(padding_mask) if image_sizes is None else _checked_sizes(image_sizes, images)
         groups: dict[tuple[int, int], list[int]] = {}
         for index, size in enumerate(sizes):
             groups.setdefault(size, []).append(index)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import torch
@@ -70,9 +70,11 @@ def compute_loss(
     images: Tensor,
     padding_mask: Tensor,
     targets: list[dict[str, Tensor]],
+    image_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> tuple[DetectorOutput, LossOutput]:
-    """Forward pass and set loss (the loss runs in fp32 even under autocast)."""
-    outputs: DetectorOutput = model(images, padding_mask)
+    """Forward pass and set loss (the loss runs in fp32 even under autocast). ``image_sizes``: see
+    :meth:`sd_detr.backbone.Backbone.forward`."""
+    outputs: DetectorOutput = model(images, padding_mask, image_sizes)
     return outputs, criterion(outputs.decoder_layers(), targets, outputs.encoder)
 
 
@@ -86,15 +88,18 @@ def train_step(
     grad_clip_norm: float = 0.0,
     amp_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    image_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> LossOutput:
     """One optimisation step (forward, loss, backward, optional clipping, optimizer step) that never waits for the
-    device except for the matcher's one device-to-host transfer (docs/method.md 1.7). It does not check the loss
+    device except for the matcher's one device-to-host transfer (docs/method.md 1.7) when ``image_sizes`` (each
+    image's valid (h, w), :func:`sd_detr.backbone.valid_image_sizes` of the host mask) is given; without it the
+    backbone reads them from the mask, one more wait on a GPU. It does not check the loss
     for NaN/inf (that would be another wait per step): :class:`LossMeter` does, at each of its reads. With a
     ``scaler`` (fp16), ``GradScaler.step`` reads its inf/NaN flag on the host every step.
     """
     model.train()
     with autocast_context(images.device, amp_dtype):
-        _, losses = compute_loss(model, criterion, images, padding_mask, targets)
+        _, losses = compute_loss(model, criterion, images, padding_mask, targets, image_sizes)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(losses.total).backward()

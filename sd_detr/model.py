@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -75,15 +75,18 @@ class Detector(nn.Module):
                 self.decoding = SDDetrDecoding(config)
         init_transformer_weights([self.encoder, *self.decoding.transformer_modules()])
 
-    def forward(self, images: Tensor, padding_mask: Tensor) -> DetectorOutput:
-        """images [B, 3, H, W], padding_mask [B, H, W] bool (True = padded) -> :class:`DetectorOutput`."""
+    def forward(
+        self, images: Tensor, padding_mask: Tensor, image_sizes: Sequence[tuple[int, int]] | None = None
+    ) -> DetectorOutput:
+        """images [B, 3, H, W], padding_mask [B, H, W] bool (True = padded) -> :class:`DetectorOutput`.
+        ``image_sizes``: each image's valid (h, w) px, read on the host (saves the backbone a device wait)."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
         if padding_mask.shape != (images.shape[0], *images.shape[-2:]):
             raise ValueError(
                 f"padding_mask must be {(images.shape[0], *images.shape[-2:])}, got {tuple(padding_mask.shape)}"
             )
-        feature_map = self.backbone(images, padding_mask)
+        feature_map = self.backbone(images, padding_mask, image_sizes)
         return self.forward_features(feature_map.features, feature_map.padding_mask)
 
     def forward_features(

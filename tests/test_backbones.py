@@ -199,3 +199,14 @@ def test_dilation_only_for_resnet50_and_101(name: str) -> None:
 def test_unknown_backbone_name_is_rejected() -> None:
     with pytest.raises(ValidationError, match="mobilenet_v3_small"):
         BackboneConfig(name="mobilenet_v2")
+
+
+def test_sizes_given_on_the_host_give_the_features_of_the_mask_and_wrong_ones_fail() -> None:
+    backbone = _scratch("resnet10", feature_level="c4").eval()
+    images, mask = pad_batch([random_image(h, w, seed) for seed, (h, w) in enumerate(SIZES)])
+    with torch.no_grad():
+        from_mask, given = backbone(images, mask), backbone(images, mask, SIZES)
+    assert torch.equal(from_mask.features, given.features) and torch.equal(from_mask.padding_mask, given.padding_mask)
+    for wrong in (SIZES[:1], [(0, 10), SIZES[1]], [(129, 160), SIZES[1]]):
+        with pytest.raises(ValueError, match="image_sizes"):
+            backbone(images, mask, wrong)

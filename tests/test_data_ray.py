@@ -48,22 +48,6 @@ def test_ray_eval_batches_equal_the_dataloader_batches(ray_local, synthetic_root
             assert target["labels"].dtype == torch.int64 and target["orig_size"].dtype == torch.int64
 
 
-def test_pad_and_normalize_equals_the_dataloader_collate_of_normalized_images() -> None:
-    import numpy as np
-
-    from sd_detr.data.collate import pad_and_collate, pad_and_normalize
-    from sd_detr.data.transforms import normalize_image
-
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (3, *rng.integers(4, 40, 2)), dtype=np.uint8) for _ in range(12)]
-    aug = AugmentationConfig()
-    pixels, padding_mask = pad_and_normalize(images, aug.mean, aug.std)
-    reference = pad_and_collate([(normalize_image(torch.from_numpy(i), aug.mean, aug.std), {}) for i in images])
-    assert torch.equal(pixels, reference.images) and torch.equal(padding_mask, reference.padding_mask)
-    empty, empty_mask = pad_and_normalize([], aug.mean, aug.std)
-    assert empty.shape == (0, 3, 0, 0) and empty_mask.shape == (0, 0, 0)
-
-
 def test_materialized_val_set_gives_the_streamed_batches_every_epoch(ray_local, synthetic_root: Path) -> None:
     from ray.data.dataset import MaterializedDataset
 

@@ -25,6 +25,8 @@ class DetectionBatch:
         num_corrupt: rows of this batch dropped because their image bytes did not decode. B can be smaller
             than the requested batch size, and 0 when every row was corrupt.
         corrupt_image_ids: the image ids of those rows.
+        image_sizes: each image's valid (height, width) in pixels, known on the host (the collate's shapes), so
+            the backbone need not read them from a device mask; None = read them from `padding_mask`.
     """
 
     images: torch.Tensor
@@ -32,6 +34,7 @@ class DetectionBatch:
     targets: list[Target]
     num_corrupt: int = 0
     corrupt_image_ids: list[int] = field(default_factory=list)
+    image_sizes: list[tuple[int, int]] | None = None
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -44,6 +47,7 @@ class DetectionBatch:
             targets=[{k: v.to(device, non_blocking=non_blocking) for k, v in t.items()} for t in self.targets],
             num_corrupt=self.num_corrupt,
             corrupt_image_ids=list(self.corrupt_image_ids),
+            image_sizes=self.image_sizes,
         )
 
 
@@ -76,6 +80,7 @@ def pad_and_collate(samples: Sequence[tuple[torch.Tensor, Target] | CorruptSampl
         targets=[target for _, target in valid],
         num_corrupt=len(corrupt),
         corrupt_image_ids=[s.image_id for s in corrupt],
+        image_sizes=[(int(image.shape[-2]), int(image.shape[-1])) for image, _ in valid],
     )
 
 
