@@ -31,6 +31,7 @@ from pipelines.ddp import (
     synchronized_batches,
 )
 from pipelines.distributed_eval import evaluate, ground_truth_coco
+from pipelines.early_start import EarlyStart
 from pipelines.fault_injection import ProgressRecorder, maybe_inject_fault
 from pipelines.metrics_outbox import (
     FolderArtifactClient,
@@ -233,9 +234,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
 
     train_images = load_meta(cfg.data.train_dir).counts.images
     steps_per_epoch = -(-train_images // (cfg.data.loader.batch_size * world))
+    next_epoch_batches: Iterable[DetectionBatch] | None = None
     for epoch in range(start_epoch, cfg.optimizer.epochs):
         seed_worker(cfg.training.seed, rank, epoch)
-        batches = iter_detection_batches(train_shard, cfg.data.loader, cfg.data.augmentation)
+        batches = next_epoch_batches or iter_detection_batches(train_shard, cfg.data.loader, cfg.data.augmentation)
         metrics = train_one_epoch(
             model, criterion, optimizer, batches, cfg, device, epoch, amp_dtype, scaler, rank, steps_per_epoch,
             progress,
@@ -244,6 +246,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
         scheduler.step()
         maybe_inject_fault(cfg, epoch, rank)
 
+        if epoch + 1 < cfg.optimizer.epochs:  # Ray Data starts the next epoch while this one is evaluated
+            train_batches = iter_detection_batches(train_shard, cfg.data.loader, cfg.data.augmentation)
+            next_epoch_batches = EarlyStart(train_batches, name=f"epoch{epoch + 1}-first-batch")
         val_batches = iter_detection_batches(val_share, cfg.data.loader, cfg.data.augmentation)
         evaluation = evaluate(
             unwrap(model), val_batches, ground_truth, label_to_category_id, device, amp_dtype,
