@@ -31,9 +31,9 @@ from torchvision.io import write_png
 
 from pipelines.cli import add_config_arguments, configure_logging, fail, flag_fields, load_or_exit
 from pipelines.inference import LoadedModel, Predictor, list_images, load_model
-from pipelines.reporting import draw_boxes
 from sd_detr.box_ops import xyxy_to_xywh
 from sd_detr.data.samples import decode_image
+from sd_detr.diagnostics import draw_boxes
 
 logger = logging.getLogger("pipelines.predict")  # by name: run as a script, __name__ is "__main__"
 

@@ -12,10 +12,9 @@ import torch
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 from torchvision.io import write_png
-from torchvision.utils import draw_bounding_boxes
 
 from sd_detr.box_ops import cxcywh_to_pixel_xyxy, size_scale
-from sd_detr.diagnostics import save_png
+from sd_detr.diagnostics import draw_boxes, save_png
 from sd_detr.evaluation import CocoEvaluator
 
 if TYPE_CHECKING:
@@ -60,12 +59,6 @@ def draw_predictions(image: torch.Tensor, target: dict, detection: dict, mean, s
     labels = [f"{int(c)}:{s:.2f}" for c, s in zip(detection["labels"][keep], detection["scores"][keep], strict=True)]
     pixels = draw_boxes(pixels, truth, colors="lime", width=1)
     return draw_boxes(pixels, predicted, labels=labels, colors="red", width=1)
-
-
-def draw_boxes(pixels: torch.Tensor, boxes: torch.Tensor, **style) -> torch.Tensor:
-    """torchvision's ``draw_bounding_boxes`` of ``boxes`` [n, 4] pixel xyxy on uint8 ``pixels`` [3, h, w]; with no
-    box, ``pixels`` as they are (torchvision would warn about every empty image)."""
-    return draw_bounding_boxes(pixels, boxes, **style) if len(boxes) else pixels
 
 
 def log_evaluation_artifacts(

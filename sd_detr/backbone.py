@@ -76,7 +76,8 @@ def _last_out_channels(module: nn.Module) -> int:
 class Backbone(nn.Module):
     """A feature trunk split into five units ``stem``, ``layer1`` (stride 4), ``layer2`` (8), ``layer3`` (16),
     ``layer4`` (32), of which ``trainable_layers`` train (counted from layer4 down to the stem; the rest are
-    frozen). ``feature_level: c4`` drops ``layer4`` (stride 16), ``c3`` also ``layer3`` (stride 8). Exposes ``num_channels`` and ``stride``.
+    frozen). ``feature_level: c4`` drops ``layer4`` (stride 16), ``c3`` also ``layer3`` (stride 8). Exposes
+    ``num_channels`` and ``stride``.
 
     Weights come only from ``weights_path`` (a local torchvision state_dict of the family); nothing is
     downloaded. Subclasses fill the five units from a torchvision network.

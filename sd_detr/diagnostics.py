@@ -20,6 +20,7 @@ from matplotlib.patches import Rectangle
 from scipy import stats
 from torch import Tensor, nn
 from torchvision.ops import box_iou
+from torchvision.utils import draw_bounding_boxes
 
 from sd_detr.box_ops import cxcywh_to_pixel_xyxy
 from sd_detr.data.config import IMAGENET_MEAN, IMAGENET_STD
@@ -327,3 +328,9 @@ def save_png(figure: Figure, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png")
     return path
+
+
+def draw_boxes(pixels: torch.Tensor, boxes: torch.Tensor, **style) -> torch.Tensor:
+    """torchvision's ``draw_bounding_boxes`` of ``boxes`` [n, 4] pixel xyxy on uint8 ``pixels`` [3, h, w]; with no
+    box, ``pixels`` as they are (torchvision would warn about every empty image)."""
+    return draw_bounding_boxes(pixels, boxes, **style) if len(boxes) else pixels

@@ -102,7 +102,7 @@ def test_json_is_written_before_drawing(
 
 
 def test_drawing_no_box_returns_the_image_without_a_warning(recwarn: pytest.WarningsRecorder) -> None:
-    from pipelines.reporting import draw_boxes
+    from sd_detr.diagnostics import draw_boxes
 
     pixels = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8)
     assert draw_boxes(pixels, torch.zeros(0, 4), colors="red") is pixels

@@ -266,7 +266,7 @@ def assert_same_detections(first: dict[str, torch.Tensor], second: dict[str, tor
     assert (first["boxes"][rows] - second["boxes"][cols]).abs().max() <= 1e-2  # pixels
 
 
-def _alone_and_in_company(model: Detector, image: torch.Tensor, companions: list[torch.Tensor]) -> None:
+def assert_alone_equals_in_company(model: Detector, image: torch.Tensor, companions: list[torch.Tensor]) -> None:
     height, width = image.shape[1:]
     with torch.no_grad():
         alone = model(*pad_batch([image]))
@@ -296,14 +296,16 @@ def test_predictions_do_not_depend_on_batch_companions(variant: str, taq: bool, 
     config = paper_geometry(variant, taq, num_queries=20, num_classes=4, backbone=backbone)
     model = build_detector(config.model, seed=0).eval()
     image = random_image(160, 224, 0)
-    _alone_and_in_company(model, image, [random_image(256, 320, 1), random_image(64, 96, 2)])
+    assert_alone_equals_in_company(model, image, [random_image(256, 320, 1), random_image(64, 96, 2)])
 
 
 @pytest.mark.slow
 def test_real_size_predictions_do_not_depend_on_batch_companions() -> None:
     """A 480x480 image (225 cells < 300 slots) alone vs. beside an 800x1333 and a 32x32 image, SD-DETR + TAQ."""
     model = build_detector(paper_geometry().model, seed=0).eval()
-    _alone_and_in_company(model, random_image(480, 480, 0), [random_image(800, 1333, 1), random_image(32, 32, 2)])
+    assert_alone_equals_in_company(
+        model, random_image(480, 480, 0), [random_image(800, 1333, 1), random_image(32, 32, 2)]
+    )
 
 
 @pytest.mark.slow
