@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 from pipelines.config import TrainJobConfig
 from sd_detr.config import load_config
@@ -46,3 +49,12 @@ def tiny_job_config(tmp_path: Path, synthetic_root: Path, run_name: str, epochs:
     """The validated :class:`TrainJobConfig` of :func:`tiny_job_overrides` plus ``extra`` overrides."""
     overrides = [*tiny_job_overrides(tmp_path, synthetic_root, run_name, epochs), *extra]
     return load_config(TrainJobConfig, REPO / "configs" / "default.yaml", overrides)
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` imported as module ``name`` (the benchmarks folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

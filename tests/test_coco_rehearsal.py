@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shlex
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from sd_detr.data.coco_like import (
     size_class,
     uncompressed_rle,
 )
+from tests.pipeline_helpers import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 COCO_IDS = [i for i in range(1, 91) if i not in {12, 26, 29, 30, 45, 66, 68, 69, 71, 83}]
@@ -32,11 +31,7 @@ THIRD_PARTY = {"include_iscrowd": False, "include_area": False, "include_annotat
 
 
 def _load_rehearsal():
-    spec = importlib.util.spec_from_file_location("coco_rehearsal", REPO / "benchmarks" / "coco_rehearsal.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["coco_rehearsal"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("coco_rehearsal")
 
 
 @pytest.fixture(scope="module")
