@@ -36,9 +36,15 @@ logger = logging.getLogger("benchmarks.recipe_probe")
 
 
 def probe(cfg: TrainJobConfig, eval_every: int) -> list[dict[str, float]]:
-    """Train ``cfg`` for ``cfg.optimizer.epochs`` epochs in this process and evaluate every ``eval_every`` epochs
-    and after the last -> one record per evaluation (epoch, AP, AP50, train images/s, wall seconds)."""
-    cfg = resolve_data(cfg.with_absolute_paths())
+    """:func:`train_and_evaluate` on ``cfg`` with its data resolved (``ValueError``/``FileNotFoundError`` from
+    :func:`pipelines.run_setup.resolve_data` when the data do not fit the config, before any training)."""
+    return train_and_evaluate(resolve_data(cfg.with_absolute_paths()), eval_every)
+
+
+def train_and_evaluate(cfg: TrainJobConfig, eval_every: int) -> list[dict[str, float]]:
+    """Train ``cfg`` (data resolved) for ``cfg.optimizer.epochs`` epochs in this process and evaluate every
+    ``eval_every`` epochs and after the last -> one record per evaluation (epoch, AP, AP50, train images/s, wall
+    seconds)."""
     torch.manual_seed(cfg.training.seed)
     model = build_detector(cfg.model, seed=cfg.training.seed)
     criterion = build_criterion(cfg)
@@ -98,9 +104,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_or_exit(TrainJobConfig, args.config, args.set, DEFAULT_CONFIG)
     torch.set_num_threads(args.threads)
     try:
-        probe(cfg, args.eval_every)
-    except (FileNotFoundError, ValueError) as error:  # data that does not fit the config, before any training
+        cfg = resolve_data(cfg.with_absolute_paths())
+    except (FileNotFoundError, ValueError) as error:  # data that do not fit the config: before any training
         fail(str(error))
+    train_and_evaluate(cfg, args.eval_every)
 
 
 if __name__ == "__main__":

@@ -11,15 +11,11 @@ import pytest
 from tests.pipeline_helpers import load_benchmark, tiny_job_config, tiny_job_overrides
 
 
-def _load_probe():
-    return load_benchmark("recipe_probe")
-
-
 @pytest.mark.slow
 def test_probe_trains_and_reports_pycocotools_ap_at_each_evaluation(
     tmp_path: Path, synthetic_root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    probe = _load_probe()
+    probe = load_benchmark("recipe_probe")
     cfg = tiny_job_config(tmp_path, synthetic_root, "probe", epochs=3)
     with caplog.at_level(logging.INFO, logger="benchmarks.recipe_probe"):
         records = probe.probe(cfg, eval_every=2)
@@ -32,7 +28,7 @@ def test_probe_trains_and_reports_pycocotools_ap_at_each_evaluation(
 
 
 def test_probe_refuses_a_model_whose_classes_contradict_the_data(tmp_path: Path, synthetic_root: Path) -> None:
-    probe = _load_probe()
+    probe = load_benchmark("recipe_probe")
     cfg = tiny_job_config(tmp_path, synthetic_root, "probe", extra=["model.num_classes=3"])
     with pytest.raises(ValueError, match="num_classes=3"):
         probe.probe(cfg, eval_every=1)
@@ -41,7 +37,7 @@ def test_probe_refuses_a_model_whose_classes_contradict_the_data(tmp_path: Path,
 def test_probe_command_exits_2_with_the_reason_before_training(
     tmp_path: Path, synthetic_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    probe = _load_probe()
+    probe = load_benchmark("recipe_probe")
     overrides = [*tiny_job_overrides(tmp_path, synthetic_root, "probe"), "model.num_classes=3"]
     with pytest.raises(SystemExit) as exit_info:
         probe.main([arg for override in overrides for arg in ("--set", override)])
