@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from pipelines.config import TrainJobConfig
+from sd_detr.config import with_saved_config_defaults
 from sd_detr.model import Detector
 
 CHECKPOINT_FILE = "state.pt"
@@ -78,15 +79,15 @@ def save_checkpoint_state(directory: str | Path, state: dict[str, Any], metrics:
 
 def checkpoint_config_json(directory: str | Path) -> dict[str, Any]:
     """The job config a checkpoint was made with (``config.json``, or the copy inside ``state.pt`` of a
-    checkpoint that predates that file).
+    checkpoint that predates that file), with the fields it predates at the values it was made with
+    (:func:`sd_detr.config.with_saved_config_defaults`).
 
     Raises:
         FileNotFoundError: ``directory`` is not a training checkpoint.
     """
     path = Path(directory) / CONFIG_FILE
-    if path.is_file():
-        return json.loads(path.read_text())
-    return json.loads(load_checkpoint_state(directory)["config"])
+    text = path.read_text() if path.is_file() else load_checkpoint_state(directory)["config"]
+    return with_saved_config_defaults(json.loads(text))
 
 
 def checkpoint_metrics(directory: str | Path) -> dict[str, float]:

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sd_detr.config import DetectorConfig
+from sd_detr.config import DetectorConfig, with_saved_config_defaults
 from sd_detr.data.config import AugmentationConfig
 from sd_detr.data.meta import load_meta
 from sd_detr.data.shards import iter_row_groups, read_row_group
@@ -128,7 +128,10 @@ def read_model_files(paths: Mapping[str, str | Path]) -> LoadedModel:
     if missing:
         raise ModelArtifactError(f"model files missing: {missing} (have {dict(paths)})")
     try:
-        config = DetectorConfig.model_validate_json(Path(paths[DETECTOR_CONFIG]).read_text())
+        saved = json.loads(Path(paths[DETECTOR_CONFIG]).read_text())
+        if not isinstance(saved, dict):
+            raise ModelArtifactError(f"{paths[DETECTOR_CONFIG]} must hold a JSON object")
+        config = DetectorConfig.model_validate(with_saved_config_defaults(saved))
         raw_categories = json.loads(Path(paths[CATEGORIES]).read_text())
         if not isinstance(raw_categories, list):
             raise ModelArtifactError(f"{paths[CATEGORIES]} must hold a JSON list of {{id, name}} objects")

@@ -20,7 +20,7 @@ from pathlib import Path
 from pipelines.checkpoint import CONFIG_FILE, checkpoint_config_json
 from pipelines.config import TrainJobConfig
 from pipelines.metrics_outbox import RunStorage
-from sd_detr.config import flatten_config
+from sd_detr.config import flatten_config, with_saved_config_defaults
 from sd_detr.data.lock import exclusive_lock
 
 logger = logging.getLogger(__name__)
@@ -60,10 +60,11 @@ def latest_checkpoint(storage: RunStorage) -> str | None:
 
 
 def checkpoint_config(storage: RunStorage, checkpoint: str) -> dict:
-    """The job config (JSON) a checkpoint of ``storage`` was made with."""
+    """The job config (JSON) a checkpoint of ``storage`` was made with (fields it predates at the values it was
+    made with: :func:`sd_detr.config.with_saved_config_defaults`)."""
     text = storage.read_text(f"{checkpoint}/{CONFIG_FILE}")
     if text is not None:
-        return json.loads(text)
+        return with_saved_config_defaults(json.loads(text))
     with storage.local_copy(checkpoint) as directory:  # a checkpoint written before config.json existed
         return checkpoint_config_json(directory)
 

@@ -7,7 +7,7 @@ YAML scalars (``model.transformer.d_model=128``, ``optimizer.lr_drop_epochs=[40]
 errors, so a typo never silently keeps a default.
 
 The ``model`` section is a union discriminated by ``model.variant`` (``sd_detr`` when absent): the SD-DETR
-switches (``query_split``, ``taq``, ``taq_num_points``) exist only in :class:`SDDetrModelConfig`, so a
+switches (``query_split``, ``taq``, ``taq_num_points``, ``taq_proposal_size``) exist only in :class:`SDDetrModelConfig`, so a
 ``conditional_detr`` baseline that carries one is an error, never a silently ignored value. Likewise the
 alignment loss weight defaults to 1.0 for ``sd_detr`` and to 0.0 for ``conditional_detr``, where a non-zero
 value is an error.
@@ -159,6 +159,7 @@ SD_DETR_FIELDS: dict[str, str] = {
     "query_split": "the divided decoder (DFL)",
     "taq": "task-aware query generation (TAQ)",
     "taq_num_points": "TAQ's sampling points",
+    "taq_proposal_size": "TAQ's cell proposals",
 }
 """The ``model`` fields that exist only for ``variant: sd_detr``, and the SD-DETR part each one configures."""
 
@@ -237,6 +238,14 @@ class SDDetrModelConfig(ModelConfigBase):
     )
     taq: bool = Field(True, description="SD-DETR: task-aware query generation (False = learned query pairs).")
     taq_num_points: int = Field(4, gt=0, description="SD-DETR TAQ: sampling points M per anchor box and task.")
+    taq_proposal_size: float = Field(
+        0.2,
+        gt=0.0,
+        le=1.0,
+        description="SD-DETR TAQ: side of every memory cell's proposal box, as a fraction of the image (the "
+        "mini-detector regresses from it; two-stage Deformable DETR's side at stride 32). Configs saved before "
+        "this field existed were made with 0.05 (sd_detr.config.SAVED_CONFIG_DEFAULTS).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -266,6 +275,22 @@ _MODEL_ADAPTER: TypeAdapter[SDDetrModelConfig | ConditionalDetrModelConfig] = Ty
 def parse_model_config(data: Any) -> SDDetrModelConfig | ConditionalDetrModelConfig:
     """Validate a ``model`` section (mapping or config object) into the config class of its variant."""
     return _MODEL_ADAPTER.validate_python(data)
+
+
+SAVED_CONFIG_DEFAULTS: dict[str, Any] = {"taq_proposal_size": 0.05}
+"""``model`` fields of ``variant: sd_detr`` added after configs were first saved with models and checkpoints,
+each with the value that was built in before the field existed. A saved config without one was made with that
+value, not with today's default."""
+
+
+def with_saved_config_defaults(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved config (a model artifact's or checkpoint's, as a dict) with every SD-DETR field it predates set
+    to the value it was made with (:data:`SAVED_CONFIG_DEFAULTS`), so an old model loads as it was trained."""
+    result = dict(data)
+    model = result.get("model")
+    if isinstance(model, Mapping) and model_variant(model) == "sd_detr":
+        result["model"] = {**SAVED_CONFIG_DEFAULTS, **model}
+    return result
 
 
 # Sigmoid focal shape, defined once: the matcher's class cost (``matcher.focal_*``) and the classification

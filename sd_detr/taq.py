@@ -25,9 +25,6 @@ from sd_detr.box_ops import full_precision, inverse_sigmoid
 from sd_detr.heads import Predictions
 from sd_detr.layers import MLP
 
-PROPOSAL_SIZE = 0.05
-"""Side of every cell proposal (normalized), as in two-stage Deformable DETR's single-level proposals."""
-
 
 @dataclass
 class TaskAwareQueries:
@@ -53,16 +50,16 @@ def valid_extent(padding_mask: Tensor) -> tuple[Tensor, Tensor]:
     return valid[:, :, 0].sum(1), valid[:, 0, :].sum(1)
 
 
-def cell_proposals(padding_mask: Tensor) -> Tensor:
-    """Normalized cxcywh proposal of every cell: centers relative to each image's valid extent,
-    side :data:`PROPOSAL_SIZE`. padding_mask [B, h, w] -> [B, h*w, 4]."""
+def cell_proposals(padding_mask: Tensor, side: float) -> Tensor:
+    """Normalized cxcywh proposal of every cell: centers relative to each image's valid extent, width and
+    height ``side`` (a fraction of the image). padding_mask [B, h, w] -> [B, h*w, 4]."""
     batch, height, width = padding_mask.shape
     valid_h, valid_w = valid_extent(padding_mask)
     ys = (torch.arange(height, device=padding_mask.device, dtype=torch.float32) + 0.5)[None, :, None]
     xs = (torch.arange(width, device=padding_mask.device, dtype=torch.float32) + 0.5)[None, None, :]
     cy = (ys / valid_h.clamp(min=1)[:, None, None].float()).expand(batch, height, width)
     cx = (xs / valid_w.clamp(min=1)[:, None, None].float()).expand(batch, height, width)
-    size = torch.full_like(cx, PROPOSAL_SIZE)
+    size = torch.full_like(cx, side)
     return torch.stack([cx, cy, size, size], dim=-1).flatten(1, 2).clamp(0.0, 1.0)
 
 
@@ -112,9 +109,17 @@ class TaskAwareQueryGenerator(nn.Module):
     ``fill_reference`` [N, 4] (logits of the learned fill boxes), N(0, 1) as learned query embeddings.
     """
 
-    def __init__(self, d_model: int, num_classes: int, num_queries: int, num_points: int, class_prior_prob: float):
+    def __init__(
+        self,
+        d_model: int,
+        num_classes: int,
+        num_queries: int,
+        num_points: int,
+        class_prior_prob: float,
+        proposal_size: float,
+    ):
         super().__init__()
-        self.num_queries, self.num_points = num_queries, num_points
+        self.num_queries, self.num_points, self.proposal_size = num_queries, num_points, proposal_size
         self.memory_proj = nn.Linear(d_model, d_model)
         self.memory_norm = nn.LayerNorm(d_model)
         self.class_head = nn.Linear(d_model, num_classes)
@@ -154,7 +159,7 @@ class TaskAwareQueryGenerator(nn.Module):
         features = self.memory_norm(self.memory_proj(memory))
         with full_precision(memory.device):  # fp32 heads: exact scores for the top-k, unrounded boxes
             logits = self.class_head(features.float())
-            proposals = cell_proposals(padding_mask)
+            proposals = cell_proposals(padding_mask, self.proposal_size)
             boxes = (self.box_head(features.float()) + inverse_sigmoid(proposals)).sigmoid()
         scores = logits.max(-1).values.masked_fill(memory_padding_mask, float("-inf"))
         top = scores.topk(min(slots, num_cells), dim=1).indices  # [B, min(N, S)]; padded cells sort last

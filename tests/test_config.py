@@ -103,7 +103,14 @@ def test_missing_variant_means_sd_detr() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("taq", "false"), ("taq", "true"), ("query_split", "0"), ("query_split", "2"), ("taq_num_points", "4")],
+    [
+        ("taq", "false"),
+        ("taq", "true"),
+        ("query_split", "0"),
+        ("query_split", "2"),
+        ("taq_num_points", "4"),
+        ("taq_proposal_size", "0.2"),
+    ],
 )
 def test_sd_detr_field_with_baseline_is_an_error(field: str, value: str) -> None:
     """Any value counts, also the ones that would do nothing in a baseline (taq=false, query_split=0)."""

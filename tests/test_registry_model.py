@@ -97,6 +97,23 @@ def test_model_files_round_trip_without_pickle(tmp_path: Path) -> None:
     assert loaded.category_ids == [1, 3, 7] and loaded.augmentation.eval_size == 128
 
 
+def test_model_files_saved_before_a_config_field_existed_load_as_they_were_trained(tmp_path: Path) -> None:
+    """An artifact written before ``model.taq_proposal_size`` existed was trained with the then built-in cell
+    proposals of side 0.05: it must load with 0.05, not with today's default, and give the same detections."""
+    paths, loaded = tiny_model_files(tmp_path / "model")
+    config_file = Path(paths["detector_config"])
+    saved = json.loads(config_file.read_text())
+    assert saved["model"]["taq_proposal_size"] == 0.2 == loaded.model.config.taq_proposal_size
+    del saved["model"]["taq_proposal_size"]
+    config_file.write_text(json.dumps(saved))
+    old = read_model_files(paths)
+    assert old.model.config.taq_proposal_size == 0.05
+    assert old.model.decoding.query_generator.proposal_size == 0.05
+    images = _images()
+    new_rows, old_rows = _expected_rows(loaded, images, top_k=5), _expected_rows(old, images, top_k=5)
+    assert [row[3] for row in new_rows] != [row[3] for row in old_rows]  # the proposal side reaches the boxes
+
+
 def test_weights_that_do_not_fit_the_config_are_a_clear_error(tmp_path: Path) -> None:
     paths, _ = tiny_model_files(tmp_path / "a")
     other, _ = tiny_model_files(tmp_path / "b", categories=[(1, "a"), (2, "b")])

@@ -75,6 +75,20 @@ def test_same_config_passes_the_check(tmp_path, synthetic_root) -> None:
     assert flatten_config(cfg)["optimizer.epochs"] == "5"
 
 
+def test_a_checkpoint_saved_before_a_config_field_existed_counts_with_its_old_value(tmp_path, synthetic_root) -> None:
+    """A checkpoint config without ``model.taq_proposal_size`` was made with the then built-in 0.05: resuming it
+    with today's default (0.2) would change the model, so the check refuses and names the field."""
+    from pipelines.run_guard import IncompatibleCheckpointError, check_resume_compatible
+
+    folder = _write_checkpoint(tmp_path, synthetic_root, "older", [])
+    saved = json.loads((folder / CONFIG_FILE).read_text())
+    del saved["model"]["taq_proposal_size"]
+    (folder / CONFIG_FILE).write_text(json.dumps(saved))
+    cfg = resolve_data(tiny_job_config(tmp_path, synthetic_root, "older").with_absolute_paths())
+    with pytest.raises(IncompatibleCheckpointError, match=r"model.taq_proposal_size: checkpoint '0.05', now '0.2'"):
+        check_resume_compatible(cfg)
+
+
 def test_a_second_job_on_the_same_run_name_exits_2_naming_the_holder(no_ray, capsys, tmp_path, synthetic_root):
     cfg = tiny_job_config(tmp_path, synthetic_root, "busy").with_absolute_paths()
     with job_lock(cfg):

@@ -13,7 +13,7 @@ from sd_detr.heads import Predictions
 from sd_detr.losses import SetCriterion
 from sd_detr.matcher import HungarianMatcher
 from sd_detr.model import build_detector
-from sd_detr.taq import TaskAwareQueryGenerator, perimeter_points
+from sd_detr.taq import TaskAwareQueryGenerator, cell_proposals, perimeter_points
 from tests.toy_data import toy_batch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "variants"
@@ -43,7 +43,7 @@ def _memory(seed: int = 0, batch: int = 2, height: int = 6, width: int = 7, d_mo
 
 def test_taq_points_inside_and_on_perimeter() -> None:
     torch.manual_seed(0)
-    generator = TaskAwareQueryGenerator(32, 3, num_queries=6, num_points=8, class_prior_prob=0.01)
+    generator = TaskAwareQueryGenerator(32, 3, num_queries=6, num_points=8, class_prior_prob=0.01, proposal_size=0.2)
     with torch.no_grad():  # random offsets so points are not at their initial positions
         generator.cls_point_offsets.weight.normal_(0, 1.0)
     memory, padding = _memory()
@@ -73,6 +73,21 @@ def test_taq_points_inside_and_on_perimeter() -> None:
     assert all(g is None or not g.any() for g in grads)
 
 
+@pytest.mark.parametrize("side", [0.05, 0.3])
+def test_untrained_mini_detector_boxes_are_the_cell_proposals_of_the_configured_side(side: float) -> None:
+    """With its last box layer at zero the mini-detector predicts each cell's proposal: the cell's center
+    (relative to the valid extent) and the configured side (``model.taq_proposal_size``)."""
+    torch.manual_seed(0)
+    generator = build_detector(small_model_config(taq_proposal_size=side)).decoding.query_generator
+    memory, padding = _memory()
+    boxes = generator(memory, padding.flatten(1), (6, 7)).encoder.boxes
+    assert torch.allclose(boxes[..., 2:], torch.full_like(boxes[..., 2:], side), atol=1e-6)
+    for image in range(2):
+        proposals = cell_proposals(padding, side)[image][~padding[image].flatten()]
+        distance = torch.cdist(boxes[image], proposals).min(1).values
+        assert distance.max() < 1e-3  # every selected box is a valid cell's proposal (cells lie 1/7 apart)
+
+
 def test_perimeter_points_are_side_midpoints_for_four() -> None:
     box = torch.tensor([[[0.5, 0.5, 0.4, 0.2]]])
     expected = torch.tensor([[0.5, 0.4], [0.7, 0.5], [0.5, 0.6], [0.3, 0.5]])
@@ -81,7 +96,9 @@ def test_perimeter_points_are_side_midpoints_for_four() -> None:
 
 def test_padded_memory_never_changes_the_queries() -> None:
     torch.manual_seed(0)
-    generator = TaskAwareQueryGenerator(32, 3, num_queries=6, num_points=4, class_prior_prob=0.01).eval()
+    generator = TaskAwareQueryGenerator(
+        32, 3, num_queries=6, num_points=4, class_prior_prob=0.01, proposal_size=0.2
+    ).eval()
     memory, padding = _memory()
     tampered = memory.clone()
     tampered[padding.flatten(1)] = 1e4 * torch.randn(int(padding.sum()), 32)
@@ -98,7 +115,9 @@ def test_taq_fills_slots_beyond_the_valid_cells_with_learned_queries() -> None:
     rest are fill slots with the learned pairs 0, 1, 2, ... and the learned boxes; the encoder output
     marks exactly the anchors valid."""
     torch.manual_seed(0)
-    generator = TaskAwareQueryGenerator(32, 3, num_queries=10, num_points=4, class_prior_prob=0.01).eval()
+    generator = TaskAwareQueryGenerator(
+        32, 3, num_queries=10, num_points=4, class_prior_prob=0.01, proposal_size=0.2
+    ).eval()
     memory = torch.randn(2, 12, 32)
     padding = torch.zeros(2, 3, 4, dtype=torch.bool)
     padding[0, :, 2:] = True  # image 0: 3x2 = 6 valid cells
@@ -121,7 +140,7 @@ def test_taq_fills_slots_beyond_the_valid_cells_with_learned_queries() -> None:
 
 def test_taq_on_a_one_cell_map_and_a_map_smaller_than_the_slots() -> None:
     torch.manual_seed(0)
-    generator = TaskAwareQueryGenerator(32, 3, num_queries=6, num_points=4, class_prior_prob=0.01)
+    generator = TaskAwareQueryGenerator(32, 3, num_queries=6, num_points=4, class_prior_prob=0.01, proposal_size=0.2)
     memory = torch.randn(1, 1, 32, requires_grad=True)
     queries = generator(memory, torch.zeros(1, 1, dtype=torch.bool), (1, 1))
     assert queries.is_anchor.tolist() == [[True, False, False, False, False, False]]
