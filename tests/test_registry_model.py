@@ -99,7 +99,7 @@ def test_model_files_round_trip_without_pickle(tmp_path: Path) -> None:
 
 def test_model_files_saved_before_a_config_field_existed_load_as_they_were_trained(tmp_path: Path) -> None:
     """An artifact written before ``model.taq_proposal_size`` existed was trained with the then built-in cell
-    proposals of side 0.05: it must load with 0.05, not with today's default, and give the same detections."""
+    proposals of side 0.05: it must load with 0.05, not with today's default (which would move its boxes)."""
     paths, loaded = tiny_model_files(tmp_path / "model")
     config_file = Path(paths["detector_config"])
     saved = json.loads(config_file.read_text())
