@@ -16,9 +16,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import pipelines.run_outcome
+import pipelines.training
 from pipelines.fault_injection import PROGRESS_DIR_ENV
-from pipelines.metrics_outbox import OUTBOX_FILENAME
-from pipelines.run_outcome import TrackingIncompleteError
+from pipelines.metrics_outbox import OUTBOX_FILENAME, RunStorage, TrackingOutbox
+from pipelines.run_outcome import TrackingIncompleteError, finish_run
+from pipelines.tracking import client_for
 from pipelines.training import run_training
 from tests.mlflow_server import running_mlflow_server
 from tests.pipeline_helpers import tiny_job_config
@@ -143,10 +145,24 @@ def test_mlflow_down_at_the_end_exits_nonzero_and_register_py_completes_the_run(
 ) -> None:
     """Server stopped after epoch 0 and back only after the job: the job ends with TrackingIncompleteError
     (train.py: exit 3) naming what was not logged; `pipelines/register.py --checkpoint` then sends it (once)
-    and registers the model."""
+    and registers the model.
+
+    The driver is held at the start of its final step until the server is down, so a fast machine cannot
+    finish the run first; epoch 0 is in MLflow before the outage either way (sent by rank 0 once its
+    checkpoint is registered, or else by the driver before it waits).
+    """
     from pipelines import register
 
     monkeypatch.setattr(pipelines.run_outcome, "FINAL_FLUSH_DELAYS_S", (1.0,))
+    server_down = threading.Event()
+
+    def finish_run_after_outage(prepared, result):
+        storage = RunStorage(prepared.config.training.storage_path, prepared.config.training.run_name)
+        TrackingOutbox.open(client_for(prepared.tracking_uri), prepared.run_id, storage).flush(durable_through=0)
+        assert server_down.wait(timeout=300), "the test did not stop the server"
+        return finish_run(prepared, result)
+
+    monkeypatch.setattr(pipelines.training, "finish_run", finish_run_after_outage)
     root = tmp_path / "server"
     with contextlib.ExitStack() as first:
         url = first.enter_context(running_mlflow_server(root))
@@ -155,6 +171,8 @@ def test_mlflow_down_at_the_end_exits_nonzero_and_register_py_completes_the_run(
         job.start()
         client = MlflowClient(url)
         first_run_id = _wait_for_epoch0_in_mlflow(client, "faults-late", job)
+        assert _steps(client, first_run_id, "val_AP") == [0]  # epoch 1 is not logged yet
+    server_down.set()
     job.join(timeout=600)
     assert isinstance(job.error, TrackingIncompleteError), job.error
     message = str(job.error)
