@@ -7,10 +7,10 @@ YAML scalars (``model.transformer.d_model=128``, ``optimizer.lr_drop_epochs=[40]
 errors, so a typo never silently keeps a default.
 
 The ``model`` section is a union discriminated by ``model.variant`` (``sd_detr`` when absent): the SD-DETR
-switches (``query_split``, ``taq``, ``taq_num_points``, ``taq_proposal_size``) exist only in :class:`SDDetrModelConfig`, so a
-``conditional_detr`` baseline that carries one is an error, never a silently ignored value. Likewise the
-alignment loss weight defaults to 1.0 for ``sd_detr`` and to 0.0 for ``conditional_detr``, where a non-zero
-value is an error.
+switches (``query_split``, ``taq``, ``taq_num_points``, ``taq_proposal_size``) exist only in
+:class:`SDDetrModelConfig`, so a ``conditional_detr`` baseline that carries one is an error, never a silently
+ignored value. Likewise the alignment loss weight defaults to 1.0 for ``sd_detr`` and to 0.0 for
+``conditional_detr``, where a non-zero value is an error.
 """
 
 from __future__ import annotations

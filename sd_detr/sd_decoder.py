@@ -117,7 +117,12 @@ class SDDetrDecoding(nn.Module):
         self.taq = config.taq
         if config.taq:
             self.query_generator = TaskAwareQueryGenerator(
-                d, config.num_classes, slots, config.taq_num_points, config.class_prior_prob, config.taq_proposal_size
+                d,
+                config.num_classes,
+                slots,
+                config.taq_num_points,
+                config.class_prior_prob,
+                proposal_size=config.taq_proposal_size,
             )
             self.anchor_pos_head = MLP(2 * d, d, d, 2)
         else:
