@@ -20,6 +20,10 @@ and weights). Inference = eval-mode forward under ``torch.no_grad`` (no post-pro
 timed interleaved (each repeat runs every model once, in a rotating order) so machine noise hits them alike.
 Reported: median and min over the repeats; ``ratio`` = median over repeats of ours / HF within the same
 repeat (robust to load that comes and goes on a shared machine), ``ratio of min`` = our min / HF's min.
+With ``--scope full`` it also prints training images/s per device (batch / median step), their paired ratio
+to HF's, and the hours of ``--estimate-epochs`` COCO train2017 epochs on ``--estimate-gpus`` such devices at
+that rate (``throughput.py``; steps only, perfect scaling). ``--train-only`` skips inference and
+``--without-ablation`` leaves out ``sd_detr (no taq)`` (fewer compilations on a GPU lease).
 
 Peak memory = the most memory allocated during one step above what was allocated before it (parameters
 and inputs excluded): CUDA ``torch.cuda.max_memory_allocated``; CPU the peak bytes of live tensor storages
@@ -57,6 +61,7 @@ from hf_shims import hf_candidate
 from step_memory import peak_memory_bytes
 from step_models import Candidate, Inputs, make_batch, our_candidate, our_config, transformer_parameters
 from step_timing import PhaseResult, time_interleaved
+from throughput import COCO_TRAIN_IMAGES, images_per_second, schedule_estimate
 
 from sd_detr.model import build_detector
 
@@ -82,6 +87,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action="store_true", help="torch.compile our encoder + decoder (HF stays eager)")
+    parser.add_argument(
+        "--without-ablation", action="store_true", help="leave out ours sd_detr (no taq): one compile fewer on a GPU"
+    )
+    parser.add_argument("--train-only", action="store_true", help="time training steps only, no inference")
+    parser.add_argument("--estimate-gpus", type=int, default=8, help="GPUs of the schedule estimate (--scope full)")
+    parser.add_argument(
+        "--estimate-epochs", type=int, default=50, help="epochs of the schedule estimate (--scope full)"
+    )
     return parser.parse_args(argv)
 
 
@@ -144,6 +157,23 @@ def print_table(title: str, results: dict[str, PhaseResult], reference: str, wit
         print(row + (f"{result.flops / result.median / 1e12:>9.4f}" if with_rate else ""))
 
 
+def print_throughput(results: dict[str, PhaseResult], reference: str, args: argparse.Namespace) -> None:
+    """Training images/s per device of each model (batch / median step), its ratio to the reference's
+    images/s (paired: 1 / the time ratio), and the wall time of ``--estimate-epochs`` COCO train2017 epochs on
+    ``--estimate-gpus`` such devices at that rate (perfect scaling, steps only: a lower bound)."""
+    base = results[reference]
+    print(
+        f"\ntraining throughput per device, and {args.estimate_epochs} epochs of COCO train2017 "
+        f"({COCO_TRAIN_IMAGES} images) on {args.estimate_gpus} such devices (steps only, perfect scaling)"
+    )
+    header = f"{'model':<24}{'images/s':>10}{'x ' + reference:>28}{'hours':>8}"
+    print(f"{header}\n{'-' * len(header)}")
+    for name, result in results.items():
+        rate = images_per_second(args.batch, result.median)
+        estimate = schedule_estimate(rate, args.estimate_gpus, args.estimate_epochs)
+        print(f"{name:<24}{rate:>10.1f}{1.0 / result.paired_ratio(base):>28.2f}{estimate.hours:>8.1f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -166,9 +196,11 @@ def main(argv: list[str] | None = None) -> None:
     candidates = [
         baseline,
         our_candidate("ours sd_detr (taq)", our_config(args, "sd_detr", taq=True), batch, scope, device, compiled),
-        our_candidate("ours sd_detr (no taq)", our_config(args, "sd_detr", taq=False), batch, scope, device, compiled),
-        reference,
     ]
+    if not args.without_ablation:
+        no_taq = our_config(args, "sd_detr", taq=False)
+        candidates.append(our_candidate("ours sd_detr (no taq)", no_taq, batch, scope, device, compiled))
+    candidates.append(reference)
     if transformer_parameters(baseline.model) != transformer_parameters(reference.model):
         raise SystemExit("ours conditional_detr and HF differ in parameter count: not the same model")
 
@@ -203,21 +235,24 @@ def main(argv: list[str] | None = None) -> None:
         args,
         device,
     )
-    for candidate in candidates:
-        candidate.model.eval()
-    infer = measure_phase(
-        candidates,
-        lambda c, x: inference(c, x, device, args.dtype),
-        # FlopCounterMode's module tracker trips over no_grad views of parameters: count with grad on (same ops)
-        lambda c, x: inference(c, x, device, args.dtype, no_grad=False),
-        inputs,
-        backbone_flops(backbone, batch.images, batch.padding_mask, train=False) if with_backbone else 0,
-        args,
-        device,
-    )
     with_rate = not with_backbone
     print_table("training step (zero grads + forward + loss + backward)", train, reference.name, with_rate)
-    print_table("inference (eval forward, no_grad)", infer, reference.name, with_rate)
+    if with_backbone:
+        print_throughput(train, reference.name, args)
+    if not args.train_only:
+        for candidate in candidates:
+            candidate.model.eval()
+        infer = measure_phase(
+            candidates,
+            lambda c, x: inference(c, x, device, args.dtype),
+            # FlopCounterMode's module tracker trips over no_grad views of parameters: count with grad on (same ops)
+            lambda c, x: inference(c, x, device, args.dtype, no_grad=False),
+            inputs,
+            backbone_flops(backbone, batch.images, batch.padding_mask, train=False) if with_backbone else 0,
+            args,
+            device,
+        )
+        print_table("inference (eval forward, no_grad)", infer, reference.name, with_rate)
     memory_kind = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "live tensor storages"
     print(
         f"\nratio = median over repeats of ours / {reference.name} in the same repeat; ratio of min = min / min; "
