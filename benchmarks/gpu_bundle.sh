@@ -6,14 +6,15 @@
 #
 #   benchmarks/gpu_bundle.sh                      # PYTHON=... the venv whose versions are packed (.venv)
 #
-# The versions are the ones installed in that venv (what CI tests). The names are the dependency closure of
+# The versions are the ones installed in that venv (what CI tests). TARGET_PYTHON=3.11 packs for a Python 3.11
+# machine instead, to try the bundle there (docs/benchmarks.md, "On a GPU"). The names are the dependency closure of
 # ray, mlflow, pydantic and pycocotools minus what the image already holds (torch, numpy, scipy, pyarrow,
 # safetensors, transformers, requests, pyyaml, protobuf, ... as listed for the image on 2026-11-17).
 # Ray's Java jars and MLflow's web UI build are left out: the checks start no Java worker and no UI server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
-target_python=3.12
+target_python=${TARGET_PYTHON:-3.12}  # the GPU image's CPython
 packages="alembic annotated-types blinker cachetools cffi cryptography databricks-sdk docker fastapi flask
 flask-cors gitdb gitpython google-auth graphene graphql-core graphql-relay gunicorn huey importlib-metadata
 itsdangerous jsonschema jsonschema-specifications mako mlflow mlflow-skinny mlflow-tracing opentelemetry-api
