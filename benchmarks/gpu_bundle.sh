@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Packs, on a machine with pip access, the Python packages that benchmarks/gpu_checks.sh needs and that the
 # lent GPU machine's image lacks, for that machine's Python (CPython 3.12, x86-64 manylinux; it has no
-# network). Writes .gpu_site/site.tar.xz (git-ignored; about 46 MiB, under the 64 MiB of files one call to
+# network). Writes .gpu_site/site.tar.xz (git-ignored; about 45 MiB, under the 64 MiB of files one call to
 # that machine takes); gpu_checks.sh unpacks it there and puts it on PYTHONPATH.
 #
 #   benchmarks/gpu_bundle.sh                      # PYTHON=... the venv whose versions are packed (.venv)

@@ -15,7 +15,7 @@
 #
 #   benchmarks/gpu_bundle.sh                       # first, where pip works: .gpu_site/site.tar.xz
 #   benchmarks/gpu_checks.sh [OUTPUT_DIR]          # on the GPU machine; default outputs/gpu_checks
-#   SMOKE=1 benchmarks/gpu_checks.sh /tmp/smoke    # on a CPU: every check at toy sizes (about 5 min on 2
+#   SMOKE=1 benchmarks/gpu_checks.sh /tmp/smoke    # on a CPU: every check at toy sizes (about 6 min on 2
 #                                                  # cores), to test this script before a lease
 # PYTHON=... picks the interpreter (default python3). Where ray, mlflow, pydantic or pycocotools cannot be
 # imported and .gpu_site/site.tar.xz exists, it is unpacked to /tmp/gpu_site and put on PYTHONPATH.
