@@ -27,9 +27,8 @@ from pipelines.checkpoint import CHECKPOINT_FILE, checkpoint_config_json, checkp
 from pipelines.cli import add_config_arguments, configure_logging, fail, load_or_exit
 from pipelines.config import TrainJobConfig
 from pipelines.metrics_outbox import RunStorage, TrackingOutbox, bound_http_retries
-from pipelines.run_outcome import register_checkpoint_dir
+from pipelines.run_outcome import register_checkpoint_dir, registered_version_of
 from pipelines.run_setup import TRACKING_FILE, PreparedRun
-from pipelines.tags import REGISTERED_CHECKPOINT_TAG, REGISTERED_VERSION_TAG
 from pipelines.tracking import (
     TrackingUnavailableError,
     check_reachable,
@@ -102,17 +101,15 @@ def main(argv: list[str] | None = None) -> None:
         if not outbox.flush():
             raise ConnectionError(outbox.last_error)
         if not args.no_register:
-            tags = client.get_run(run_id).data.tags
-            if tags.get(REGISTERED_CHECKPOINT_TAG) == checkpoint.name and tags.get(REGISTERED_VERSION_TAG):
-                logger.info("%s is already registered as version %s", checkpoint.name,
-                            tags[REGISTERED_VERSION_TAG])  # fmt: skip
+            before = registered_version_of(client, run_id, checkpoint.name)
+            if before is not None:
+                logger.info("%s is already registered as version %s", checkpoint.name, before)
             else:
                 val_ap = checkpoint_metrics(checkpoint).get(VAL_AP)
                 if val_ap is None:
                     fail(f"{checkpoint} has no val_AP in its metrics.json: cannot compare it with the champion")
                 prepared = PreparedRun(cfg, uri, experiment_id, run_id, resumed=True)
-                version, aliased = register_checkpoint_dir(prepared, checkpoint, float(val_ap))
-                client.set_tag(run_id, REGISTERED_CHECKPOINT_TAG, checkpoint.name)
+                version, aliased = register_checkpoint_dir(prepared, checkpoint, float(val_ap), checkpoint.name)
                 state = "moved" if aliased else "kept"
                 logger.info("registered models:/%s/%s (val AP %.4f), @%s %s", cfg.tracking.model_name, version,
                             val_ap, cfg.tracking.alias, state)  # fmt: skip

@@ -1,8 +1,11 @@
 """Driver-side guards of a training run name, checked before Ray starts.
 
 * :func:`check_resume_compatible`: rerunning ``training.run_name`` resumes its latest checkpoint, which is only
-  safe when the checkpoint was made with the same model and optimisation setup. Otherwise the job stops
-  (:class:`IncompatibleCheckpointError`, exit code 2 in `pipelines/train.py`) naming the differing fields.
+  safe when the checkpoint was made with the same model and optimisation setup, and only means something when
+  ``optimizer.epochs`` is at least the epochs it has trained. Otherwise the job stops
+  (:class:`IncompatibleCheckpointError`, exit code 2 in `pipelines/train.py`) naming the differing fields or the
+  epochs. A rerun with exactly the trained epochs trains nothing and only finishes the run (logs what is unsent,
+  registers its best checkpoint unless that checkpoint is registered already).
 * :func:`job_lock`: one job per (storage path, run name) at a time, through
   :func:`sd_detr.data.lock.exclusive_lock` (a kernel ``flock``: a crashed job never leaves it stuck).
 """
@@ -17,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipelines.checkpoint import CONFIG_FILE, checkpoint_config_json
+from pipelines.checkpoint import CONFIG_FILE, METRICS_FILE, checkpoint_config_json
 from pipelines.config import TrainJobConfig
 from pipelines.metrics_outbox import RunStorage
 from sd_detr.config import flatten_config, with_saved_config_defaults
@@ -69,9 +72,18 @@ def checkpoint_config(storage: RunStorage, checkpoint: str) -> dict:
         return checkpoint_config_json(directory)
 
 
+def trained_epochs(storage: RunStorage, checkpoint: str) -> int | None:
+    """How many epochs the run had trained when ``checkpoint`` was made (its ``metrics.json`` epoch + 1), or
+    None when the checkpoint predates that field."""
+    text = storage.read_text(f"{checkpoint}/{METRICS_FILE}")
+    epoch = json.loads(text).get("epoch") if text is not None else None
+    return None if epoch is None else int(epoch) + 1
+
+
 def check_resume_compatible(cfg: TrainJobConfig) -> None:
     """Raise :class:`IncompatibleCheckpointError` when ``cfg`` (absolute paths, data resolved) would resume a
-    checkpoint of its run name that was made with different compatibility fields."""
+    checkpoint of its run name that was made with different compatibility fields, or that has trained more
+    epochs than ``cfg.optimizer.epochs``."""
     storage = RunStorage(cfg.training.storage_path, cfg.training.run_name)
     checkpoint = latest_checkpoint(storage)
     if checkpoint is None:
@@ -79,6 +91,7 @@ def check_resume_compatible(cfg: TrainJobConfig) -> None:
     previous = TrainJobConfig.model_validate(checkpoint_config(storage, checkpoint))
     differences = compatibility_differences(flatten_config(previous), flatten_config(cfg))
     if not differences:
+        check_epochs_left(cfg, storage, checkpoint)
         return
     shown = "\n".join(f"  {key}: checkpoint {old!r}, now {new!r}" for key, old, new in differences[:20])
     more = f"\n  ... and {len(differences) - 20} more" if len(differences) > 20 else ""
@@ -87,6 +100,25 @@ def check_resume_compatible(cfg: TrainJobConfig) -> None:
         f"a different config:\n{shown}{more}\n"
         "To start fresh, choose a new name (--set training.run_name=NEW_NAME) or delete the run's storage folder "
         f"({storage.uri}); to resume, use the checkpoint's settings."
+    )
+
+
+def check_epochs_left(cfg: TrainJobConfig, storage: RunStorage, checkpoint: str) -> None:
+    """Raise :class:`IncompatibleCheckpointError` when the run has trained more epochs than
+    ``cfg.optimizer.epochs`` (the job would train nothing and report the longer run as this one); log that
+    nothing is left to train when it has trained exactly that many."""
+    done = trained_epochs(storage, checkpoint)
+    if done is None or done < cfg.optimizer.epochs:
+        return
+    if done == cfg.optimizer.epochs:
+        logger.info("run %r has trained all its %d epochs (%s/%s): nothing to train; the job only finishes its "
+                    "MLflow run", cfg.training.run_name, done, storage.uri, checkpoint)  # fmt: skip
+        return
+    raise IncompatibleCheckpointError(
+        f"training.run_name={cfg.training.run_name!r} has already trained {done} epochs ({storage.uri}/"
+        f"{checkpoint}); optimizer.epochs={cfg.optimizer.epochs} asks for fewer.\n"
+        "For a shorter run, choose a new name (--set training.run_name=NEW_NAME) or delete the run's storage "
+        f"folder ({storage.uri}); to extend this run, set optimizer.epochs above {done}."
     )
 
 

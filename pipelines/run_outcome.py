@@ -9,12 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray.train
+from mlflow.tracking import MlflowClient
 
 from pipelines.checkpoint import load_checkpoint_state
 from pipelines.config import TrainJobConfig
 from pipelines.metrics_outbox import RunStorage, TrackingOutbox, bound_http_retries
 from pipelines.model_artifact import write_checkpoint_model_files
 from pipelines.run_setup import PreparedRun
+from pipelines.tags import REGISTERED_CHECKPOINT_TAG, REGISTERED_VERSION_TAG
 from pipelines.tracking import client_for, register_model
 from sd_detr.names import BEST_VAL_AP, VAL_AP
 
@@ -36,6 +38,8 @@ class TrainingOutcome:
     registered_version: str | None
     aliased: bool
     metrics: dict
+    registered_before: bool = False
+    """True when ``registered_version`` was registered from the same checkpoint by an earlier job of the run."""
 
 
 class TrackingIncompleteError(RuntimeError):
@@ -53,15 +57,30 @@ def select_best_checkpoint(result: ray.train.Result) -> tuple[ray.train.Checkpoi
     return max(scored, key=lambda item: item[1][VAL_AP]) if scored else (None, {})
 
 
+def checkpoint_name(checkpoint: ray.train.Checkpoint) -> str:
+    """The checkpoint's folder name in the run's storage folder (``checkpoint_<time>``), local or remote."""
+    return Path(checkpoint.path).name
+
+
+def registered_version_of(client: MlflowClient, run_id: str, checkpoint: str) -> str | None:
+    """The registry version that run ``run_id`` registered from its checkpoint folder named ``checkpoint``, or
+    None when it registered none from it (so rerunning a finished job, or `pipelines/register.py`, never
+    registers the same checkpoint twice)."""
+    tags = client.get_run(run_id).data.tags
+    return tags.get(REGISTERED_VERSION_TAG) if tags.get(REGISTERED_CHECKPOINT_TAG) == checkpoint else None
+
+
 def register_checkpoint(prepared: PreparedRun, checkpoint: ray.train.Checkpoint, val_ap: float) -> tuple[str, bool]:
-    """Log the model of ``checkpoint`` to the prepared run, register it under ``tracking.model_name`` and move
-    ``tracking.alias`` when ``val_ap`` beats the aliased version's. Returns (version, aliased)."""
+    """Log the model of ``checkpoint`` to the prepared run, register it under ``tracking.model_name``, tag the
+    run with the version and the checkpoint's name, and move ``tracking.alias`` when ``val_ap`` beats the
+    aliased version's. Returns (version, aliased)."""
     with checkpoint.as_directory() as directory:
-        return register_checkpoint_dir(prepared, directory, val_ap)
+        return register_checkpoint_dir(prepared, directory, val_ap, checkpoint_name(checkpoint))
 
 
-def register_checkpoint_dir(prepared: PreparedRun, directory: str | Path, val_ap: float) -> tuple[str, bool]:
-    """:func:`register_checkpoint` for a checkpoint folder on this machine."""
+def register_checkpoint_dir(prepared: PreparedRun, directory: str | Path, val_ap: float, name: str) -> tuple[str, bool]:
+    """:func:`register_checkpoint` for a checkpoint folder on this machine (``name``: its folder name in the
+    run's storage folder)."""
     cfg = prepared.config
     state = load_checkpoint_state(directory)
     # The registered model is a pyfunc model of safetensors + JSON files (pipelines/serving.py), no pickle.
@@ -69,10 +88,12 @@ def register_checkpoint_dir(prepared: PreparedRun, directory: str | Path, val_ap
         paths, example = write_checkpoint_model_files(
             model_dir, state["model"], cfg, cfg.data.val_dir, cfg.data.augmentation
         )
-        return register_model(
+        registered = register_model(
             prepared.tracking_uri, prepared.run_id, paths, example, cfg.tracking.model_name, cfg.tracking.alias,
             val_ap, {"epoch": int(state["epoch"]), VAL_AP: float(val_ap)},
         )  # fmt: skip
+    client_for(prepared.tracking_uri).set_tag(prepared.run_id, REGISTERED_CHECKPOINT_TAG, name)
+    return registered
 
 
 def finish_run(prepared: PreparedRun, result: ray.train.Result) -> TrainingOutcome:
@@ -111,9 +132,13 @@ def finish_run(prepared: PreparedRun, result: ray.train.Result) -> TrainingOutco
         if not outbox.flush(FINAL_FLUSH_DELAYS_S):
             raise ConnectionError(outbox.last_error)
         if register:
-            outcome.registered_version, outcome.aliased = register_checkpoint(
-                prepared, best_checkpoint, float(best_metrics[VAL_AP])
-            )
+            before = registered_version_of(client, prepared.run_id, checkpoint_name(best_checkpoint))
+            if before is not None:  # a rerun of a finished job: nothing new to register
+                outcome.registered_version, outcome.registered_before = before, True
+            else:
+                outcome.registered_version, outcome.aliased = register_checkpoint(
+                    prepared, best_checkpoint, float(best_metrics[VAL_AP])
+                )
         client.set_terminated(prepared.run_id, status="FINISHED")
     except Exception as error:
         missing = [outbox.describe()] if outbox.pending or outbox.unsent_artifacts() else []
@@ -142,6 +167,8 @@ def log_summary(outcome: TrainingOutcome, cfg: TrainJobConfig) -> None:
     ]
     if outcome.registered_version is not None:
         alias = f", alias @{cfg.tracking.alias} moved" if outcome.aliased else f", @{cfg.tracking.alias} kept"
+        if outcome.registered_before:
+            alias = " (registered from this checkpoint by an earlier job of the run: not registered twice)"
         lines.append(f"   registered    : models:/{cfg.tracking.model_name}/{outcome.registered_version}{alias}")
     lines.append(f"   MLflow run id : {outcome.run_id}")
     logger.info("\n".join(lines))

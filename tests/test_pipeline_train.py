@@ -97,7 +97,17 @@ def test_rerunning_a_run_name_resumes_at_the_next_epoch(ray_local, synthetic_roo
     assert second.run_id == first.run_id
     assert _history(client, second.run_id, "resumed_from_epoch") == [(1, 0.0)]
     assert [step for step, _ in _history(client, second.run_id, "val_AP")] == [0, 1]
-    assert second.registered_version == "2"
+    same_best = Path(second.checkpoint_path).name == Path(first.checkpoint_path).name
+    assert second.registered_version == ("1" if same_best else "2")
+    assert second.registered_before == same_best
+    # the same job once more: both epochs are trained, so it trains nothing and registers nothing twice
+    third = run_training(cfg)
+    assert third.run_id == first.run_id and third.registered_before
+    assert third.registered_version == second.registered_version
+    assert [step for step, _ in _history(client, third.run_id, "val_AP")] == [0, 1]
+    versions = client.search_model_versions(f"name='{cfg.tracking.model_name}'")
+    assert len(versions) == (1 if same_best else 2)
+    assert client.get_run(third.run_id).info.status == "FINISHED"
 
 
 def _run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:

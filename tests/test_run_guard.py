@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.checkpoint import CONFIG_FILE
+from pipelines.checkpoint import CONFIG_FILE, METRICS_FILE
 from pipelines.run_guard import compatibility_differences, job_lock, job_lock_path
 from pipelines.run_setup import resolve_data
 from sd_detr.config import flatten_config
@@ -73,6 +73,36 @@ def test_same_config_passes_the_check(tmp_path, synthetic_root) -> None:
     cfg = resolve_data(tiny_job_config(tmp_path, synthetic_root, "same", epochs=5).with_absolute_paths())
     check_resume_compatible(cfg)
     assert flatten_config(cfg)["optimizer.epochs"] == "5"
+
+
+def test_fewer_epochs_than_the_run_has_trained_exits_2_before_ray(no_ray, capsys, tmp_path, synthetic_root):
+    """A rerun of a run name whose checkpoint is after epoch 2 (3 epochs trained) with ``optimizer.epochs=2``
+    would train nothing and report the longer run as the shorter one: it stops, saying how many epochs are
+    trained and what to do."""
+    folder = _write_checkpoint(tmp_path, synthetic_root, "longer", [])
+    (folder / METRICS_FILE).write_text(json.dumps({"epoch": 2.0, "val_AP": 0.01}))
+    err = _main_exit(tiny_job_overrides(tmp_path, synthetic_root, "longer", epochs=2), capsys)
+    assert "has already trained 3 epochs" in err and "optimizer.epochs=2" in err, err
+    assert folder.name in err and "training.run_name=NEW_NAME" in err and "above 3" in err
+    assert "Traceback" not in err
+
+
+def test_as_many_or_more_epochs_than_trained_pass_the_check(tmp_path, synthetic_root, caplog) -> None:
+    from pipelines.run_guard import check_resume_compatible
+
+    folder = _write_checkpoint(tmp_path, synthetic_root, "done", [])
+    (folder / METRICS_FILE).write_text(json.dumps({"epoch": 2.0, "val_AP": 0.01}))
+    with caplog.at_level("INFO", logger="pipelines.run_guard"):
+        check_resume_compatible(
+            resolve_data(tiny_job_config(tmp_path, synthetic_root, "done", epochs=3).with_absolute_paths())
+        )
+    assert "nothing to train" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipelines.run_guard"):
+        check_resume_compatible(
+            resolve_data(tiny_job_config(tmp_path, synthetic_root, "done", epochs=4).with_absolute_paths())
+        )
+    assert "nothing to train" not in caplog.text
 
 
 def test_a_checkpoint_saved_before_a_config_field_existed_counts_with_its_old_value(tmp_path, synthetic_root) -> None:
