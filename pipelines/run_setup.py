@@ -8,11 +8,12 @@ import logging
 from dataclasses import dataclass
 
 import yaml
+from mlflow.tracking import MlflowClient
 
 from pipelines.config import REPO_ROOT, TrainJobConfig
 from pipelines.metrics_outbox import RunStorage
 from pipelines.run_guard import check_resume_compatible
-from pipelines.tags import BACKBONE_INIT_TAG, GIT_COMMIT_TAG
+from pipelines.tags import BACKBONE_INIT_TAG, GIT_COMMIT_TAG, RESUMED_CHANGES_TAG
 from pipelines.tracking import (
     check_reachable,
     client_for,
@@ -93,6 +94,25 @@ def check_backbone_init(cfg: TrainJobConfig) -> None:
         logger.warning(warning)
 
 
+def resumed_changes(logged: dict[str, str], params: dict[str, str]) -> list[str]:
+    """``key: old -> new`` for every param of the resuming job (``params``, flattened config) whose value
+    differs from the run's ``logged`` param (both compared as MLflow stores them, cut to 6000 characters)."""
+    return [
+        f"{key}: {logged.get(key, '<absent>')} -> {value[:6000]}"
+        for key, value in sorted(params.items())
+        if logged.get(key) != value[:6000]
+    ]
+
+
+def record_resumed_changes(client: MlflowClient, run_id: str, params: dict[str, str], config_yaml: str) -> None:
+    """On a resumed run, tag :data:`RESUMED_CHANGES_TAG` with where this job's ``params`` differ from the run's
+    (or ``none``) and, when they do, log its config as ``config_resumed.yaml``."""
+    changes = resumed_changes(client.get_run(run_id).data.params, params)
+    client.set_tag(run_id, RESUMED_CHANGES_TAG, "\n".join(changes) if changes else "none")
+    if changes:
+        log_text_artifact(client, run_id, config_yaml, "config_resumed.yaml")
+
+
 def prepare_run(cfg: TrainJobConfig, run_name: str | None = None, parent_run_id: str | None = None) -> PreparedRun:
     """Absolute paths, data on disk, reachable tracking store, experiment and (new or resumed) run."""
     cfg = cfg.with_absolute_paths()
@@ -111,9 +131,12 @@ def prepare_run(cfg: TrainJobConfig, run_name: str | None = None, parent_run_id:
     commit = git_commit(REPO_ROOT)
     if commit is not None:
         client.set_tag(run_id, GIT_COMMIT_TAG, commit)
+    config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     if not resumed:
-        log_text_artifact(client, run_id, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), "config.yaml")
+        log_text_artifact(client, run_id, config_yaml, "config.yaml")
         log_dataset_inputs(client, run_id, cfg.data.train_dir, cfg.data.val_dir)
+    else:
+        record_resumed_changes(client, run_id, flatten_config(cfg), config_yaml)
     record = {"tracking_uri": uri, "experiment_id": experiment_id, "run_id": run_id}
     RunStorage(cfg.training.storage_path, cfg.training.run_name).write_text(TRACKING_FILE, json.dumps(record))
     return PreparedRun(cfg, uri, experiment_id, run_id, resumed)

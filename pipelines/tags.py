@@ -9,6 +9,11 @@ RUN_NAME_TAG = "sd_detr.run_name"
 """The job's ``training.run_name`` (or the sweep's name on a sweep's parent run): how a rerun finds its run."""
 RESUMED_TAG = "sd_detr.resumed"
 """``"true"`` on a run that a later job resumed."""
+RESUMED_CHANGES_TAG = "sd_detr.resumed_changes"
+"""Where the config of the latest job that resumed the run differs from the run's params (``key: param -> now``
+lines, or ``none``; MLflow params cannot change, so a run extended from 12 to 20 epochs keeps
+``optimizer.epochs=12`` as its param and says 20 here); that job's whole config is the run's
+``config_resumed.yaml`` artifact."""
 BACKBONE_INIT_TAG = "sd_detr.backbone_init"
 """Where the backbone's initial weights came from."""
 GIT_COMMIT_TAG = "mlflow.source.git.commit"

@@ -97,6 +97,10 @@ def test_rerunning_a_run_name_resumes_at_the_next_epoch(ray_local, synthetic_roo
     assert second.run_id == first.run_id
     assert _history(client, second.run_id, "resumed_from_epoch") == [(1, 0.0)]
     assert [step for step, _ in _history(client, second.run_id, "val_AP")] == [0, 1]
+    run = client.get_run(second.run_id)
+    assert run.data.params["optimizer.epochs"] == "1"  # MLflow params cannot change: the tag says what did
+    assert run.data.tags["sd_detr.resumed_changes"] == "optimizer.epochs: 1 -> 2"
+    assert "config_resumed.yaml" in _artifact_paths(client, second.run_id)
     same_best = Path(second.checkpoint_path).name == Path(first.checkpoint_path).name
     assert second.registered_version == ("1" if same_best else "2")
     assert second.registered_before == same_best
@@ -108,6 +112,7 @@ def test_rerunning_a_run_name_resumes_at_the_next_epoch(ray_local, synthetic_roo
     versions = client.search_model_versions(f"name='{cfg.tracking.model_name}'")
     assert len(versions) == (1 if same_best else 2)
     assert client.get_run(third.run_id).info.status == "FINISHED"
+    assert client.get_run(third.run_id).data.tags["sd_detr.resumed_changes"] == "optimizer.epochs: 1 -> 2"
 
 
 def _run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:

@@ -153,3 +153,13 @@ def test_a_killed_job_does_not_leave_its_lock_stuck(tmp_path, synthetic_root) ->
     time.sleep(0.1)
     with job_lock(cfg) as path:  # the kernel released the dead holder's flock
         assert path.exists()
+
+
+def test_resumed_changes_list_what_the_resuming_job_changed() -> None:
+    from pipelines.run_setup import resumed_changes
+
+    logged = {"optimizer.epochs": "12", "scaling.num_workers": "2", "model.num_queries": "30"}
+    params = {"optimizer.epochs": "20", "scaling.num_workers": "2", "model.num_queries": "30", "new.field": "x"}
+    assert resumed_changes(logged, params) == ["new.field: <absent> -> x", "optimizer.epochs: 12 -> 20"]
+    assert resumed_changes(logged, {**logged}) == []
+    assert resumed_changes({"a": "v" * 6000}, {"a": "v" * 7000}) == []  # compared as MLflow stores them
