@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         if not outbox.flush():
             raise ConnectionError(outbox.last_error)
         if not args.no_register:
-            before = registered_version_of(client, run_id, checkpoint.name)
+            before = registered_version_of(client, run_id, checkpoint.name, cfg.tracking.model_name)
             if before is not None:
                 logger.info("%s is already registered as version %s", checkpoint.name, before)
             else:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray.train
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from pipelines.checkpoint import load_checkpoint_state
@@ -62,12 +63,23 @@ def checkpoint_name(checkpoint: ray.train.Checkpoint) -> str:
     return Path(checkpoint.path).name
 
 
-def registered_version_of(client: MlflowClient, run_id: str, checkpoint: str) -> str | None:
-    """The registry version that run ``run_id`` registered from its checkpoint folder named ``checkpoint``, or
-    None when it registered none from it (so rerunning a finished job, or `pipelines/register.py`, never
-    registers the same checkpoint twice)."""
+def registered_version_of(client: MlflowClient, run_id: str, checkpoint: str, model_name: str) -> str | None:
+    """The version of registered model ``model_name`` that run ``run_id`` registered from its checkpoint folder
+    named ``checkpoint``, or None when there is none (never registered from it, registered under another name,
+    or that version deleted since), so rerunning a finished job, or `pipelines/register.py`, never registers
+    the same checkpoint twice and never skips a registration that is not there. Errors other than "no such
+    version" (MLflow down) propagate."""
     tags = client.get_run(run_id).data.tags
-    return tags.get(REGISTERED_VERSION_TAG) if tags.get(REGISTERED_CHECKPOINT_TAG) == checkpoint else None
+    version = tags.get(REGISTERED_VERSION_TAG) if tags.get(REGISTERED_CHECKPOINT_TAG) == checkpoint else None
+    if version is None:
+        return None
+    try:
+        found = client.get_model_version(model_name, version)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    return version if found.run_id == run_id else None
 
 
 def register_checkpoint(prepared: PreparedRun, checkpoint: ray.train.Checkpoint, val_ap: float) -> tuple[str, bool]:
@@ -132,7 +144,9 @@ def finish_run(prepared: PreparedRun, result: ray.train.Result) -> TrainingOutco
         if not outbox.flush(FINAL_FLUSH_DELAYS_S):
             raise ConnectionError(outbox.last_error)
         if register:
-            before = registered_version_of(client, prepared.run_id, checkpoint_name(best_checkpoint))
+            before = registered_version_of(
+                client, prepared.run_id, checkpoint_name(best_checkpoint), cfg.tracking.model_name
+            )
             if before is not None:  # a rerun of a finished job: nothing new to register
                 outcome.registered_version, outcome.registered_before = before, True
             else:
