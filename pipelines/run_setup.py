@@ -94,6 +94,10 @@ def check_backbone_init(cfg: TrainJobConfig) -> None:
         logger.warning(warning)
 
 
+RESUMED_CHANGES_MAX_CHARS = 5000
+"""Longest :data:`RESUMED_CHANGES_TAG` value written (MLflow caps a tag's value at 8000 characters)."""
+
+
 def resumed_changes(logged: dict[str, str], params: dict[str, str]) -> list[str]:
     """``key: old -> new`` for every param of the resuming job (``params``, flattened config) whose value
     differs from the run's ``logged`` param (both compared as MLflow stores them, cut to 6000 characters)."""
@@ -106,9 +110,14 @@ def resumed_changes(logged: dict[str, str], params: dict[str, str]) -> list[str]
 
 def record_resumed_changes(client: MlflowClient, run_id: str, params: dict[str, str], config_yaml: str) -> None:
     """On a resumed run, tag :data:`RESUMED_CHANGES_TAG` with where this job's ``params`` differ from the run's
-    (or ``none``) and, when they do, log its config as ``config_resumed.yaml``."""
+    (or ``none``; cut to :data:`RESUMED_CHANGES_MAX_CHARS`, the whole config being in the artifact) and, when
+    they do, log its config as ``config_resumed.yaml``."""
     changes = resumed_changes(client.get_run(run_id).data.params, params)
-    client.set_tag(run_id, RESUMED_CHANGES_TAG, "\n".join(changes) if changes else "none")
+    text = "\n".join(changes) if changes else "none"
+    if len(text) > RESUMED_CHANGES_MAX_CHARS:
+        more = f"\n... ({len(changes)} fields, see config_resumed.yaml)"
+        text = text[: RESUMED_CHANGES_MAX_CHARS - len(more)] + more
+    client.set_tag(run_id, RESUMED_CHANGES_TAG, text)
     if changes:
         log_text_artifact(client, run_id, config_yaml, "config_resumed.yaml")
 

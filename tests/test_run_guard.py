@@ -163,3 +163,22 @@ def test_resumed_changes_list_what_the_resuming_job_changed() -> None:
     assert resumed_changes(logged, params) == ["new.field: <absent> -> x", "optimizer.epochs: 12 -> 20"]
     assert resumed_changes(logged, {**logged}) == []
     assert resumed_changes({"a": "v" * 6000}, {"a": "v" * 7000}) == []  # compared as MLflow stores them
+
+
+def test_resumed_changes_are_tagged_within_mlflow_s_limit_and_the_config_logged(tmp_path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.run_setup import RESUMED_CHANGES_MAX_CHARS, record_resumed_changes
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    client.log_param(run_id, "optimizer.epochs", "12")
+    record_resumed_changes(client, run_id, {"optimizer.epochs": "12"}, "unchanged: true\n")
+    assert client.get_run(run_id).data.tags["sd_detr.resumed_changes"] == "none"
+    assert [a.path for a in client.list_artifacts(run_id)] == []
+    params = {"optimizer.epochs": "20", **{f"field.{i}": "x" * 100 for i in range(100)}}
+    record_resumed_changes(client, run_id, params, "optimizer:\n  epochs: 20\n")
+    tag = client.get_run(run_id).data.tags["sd_detr.resumed_changes"]
+    assert len(tag) <= RESUMED_CHANGES_MAX_CHARS and tag.endswith("(101 fields, see config_resumed.yaml)")
+    assert tag.startswith("field.0: <absent> -> xxx")
+    assert [a.path for a in client.list_artifacts(run_id)] == ["config_resumed.yaml"]
