@@ -171,7 +171,8 @@ def test_resumed_changes_are_tagged_within_mlflow_s_limit_and_the_config_logged(
     from pipelines.run_setup import RESUMED_CHANGES_MAX_CHARS, record_resumed_changes
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    experiment = client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
     client.log_param(run_id, "optimizer.epochs", "12")
     record_resumed_changes(client, run_id, {"optimizer.epochs": "12"}, "unchanged: true\n")
     assert client.get_run(run_id).data.tags["sd_detr.resumed_changes"] == "none"
