@@ -15,6 +15,7 @@ from pipelines.metrics_outbox import RunStorage
 from pipelines.run_guard import check_resume_compatible
 from pipelines.tags import BACKBONE_INIT_TAG, GIT_COMMIT_TAG, RESUMED_CHANGES_TAG
 from pipelines.tracking import (
+    PARAM_VALUE_MAX_CHARS,
     check_reachable,
     client_for,
     get_or_create_experiment,
@@ -100,11 +101,13 @@ RESUMED_CHANGES_MAX_CHARS = 5000
 
 def resumed_changes(logged: dict[str, str], params: dict[str, str]) -> list[str]:
     """``key: old -> new`` for every param of the resuming job (``params``, flattened config) whose value
-    differs from the run's ``logged`` param (both compared as MLflow stores them, cut to 6000 characters)."""
+    differs from the run's ``logged`` param (both compared as MLflow stores them, cut to
+    :data:`pipelines.tracking.PARAM_VALUE_MAX_CHARS`)."""
+    stored = {key: value[:PARAM_VALUE_MAX_CHARS] for key, value in params.items()}
     return [
-        f"{key}: {logged.get(key, '<absent>')} -> {value[:6000]}"
-        for key, value in sorted(params.items())
-        if logged.get(key) != value[:6000]
+        f"{key}: {logged.get(key, '<absent>')} -> {value}"
+        for key, value in sorted(stored.items())
+        if logged.get(key) != value
     ]
 
 

@@ -71,6 +71,10 @@ def find_run(client: MlflowClient, experiment_id: str, run_name: str) -> str | N
     return runs[0].info.run_id if runs else None
 
 
+PARAM_VALUE_MAX_CHARS = 6000
+"""Longest param value logged (MLflow's limit); longer values are cut to it."""
+
+
 def start_or_resume_run(
     client: MlflowClient,
     experiment_id: str,
@@ -88,7 +92,7 @@ def start_or_resume_run(
     if parent_run_id is not None:
         tags[PARENT_RUN_ID_TAG] = parent_run_id
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    items = [Param(key, value[:6000]) for key, value in params.items()]
+    items = [Param(key, value[:PARAM_VALUE_MAX_CHARS]) for key, value in params.items()]
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[start : start + 100])
     return run.info.run_id, False
