@@ -61,7 +61,7 @@ def main() -> None:
         if path == "torch":
             dataloader.dataset.set_epoch(index)
             return dataloader
-        return iter_detection_batches(dataset, loader, aug)
+        return iter_detection_batches(dataset, loader, aug, train=True)
 
     # Epochs alternate between the two paths so that a change in machine load hits both alike.
     totals = {"ray": [0, 0.0, 0.0], "torch": [0, 0.0, 0.0]}

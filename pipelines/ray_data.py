@@ -18,7 +18,7 @@ In a `TorchTrainer`:
     datasets = build_datasets(train_dir, val_dir, aug, loader)
     TorchTrainer(loop, datasets=datasets, dataset_config=build_data_config(loader), ...)
     # in the worker loop
-    for batch in iter_detection_batches(ray.train.get_dataset_shard("train"), loader, aug): ...
+    for batch in iter_detection_batches(ray.train.get_dataset_shard("train"), loader, aug, train=True): ...
 """
 
 from __future__ import annotations

@@ -50,10 +50,16 @@ class DetectionCollateFn(NumpyBatchCollateFn):
 
 
 def iter_detection_batches(
-    data: Dataset | DataIterator, loader: LoaderConfig, aug: AugmentationConfig | None = None
+    data: Dataset | DataIterator,
+    loader: LoaderConfig,
+    aug: AugmentationConfig | None = None,
+    *,
+    train: bool = False,
 ) -> Iterable[DetectionBatch]:
     """`DetectionBatch`es (on CPU) of a dataset or of a Train worker's `get_dataset_shard(...)`.
 
+    `loader.drop_last` applies only with `train=True`: evaluation must see every image (COCO AP is computed
+    on the images that got predictions), so the default never drops a batch.
     `len(batch)` can be below `batch_size` (corrupt rows dropped, see `batch.num_corrupt`), and 0 if the
     whole batch was corrupt; with DDP every rank must still take part in each step.
     """
@@ -62,6 +68,6 @@ def iter_detection_batches(
         batch_size=loader.batch_size,
         collate_fn=DetectionCollateFn(aug.mean, aug.std),
         prefetch_batches=loader.prefetch_batches,
-        drop_last=loader.drop_last,
+        drop_last=loader.drop_last and train,
         device="cpu",
     )

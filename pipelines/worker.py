@@ -237,7 +237,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
     next_epoch_batches: Iterable[DetectionBatch] | None = None
     for epoch in range(start_epoch, cfg.optimizer.epochs):
         seed_worker(cfg.training.seed, rank, epoch)
-        batches = next_epoch_batches or iter_detection_batches(train_shard, cfg.data.loader, cfg.data.augmentation)
+        batches = next_epoch_batches or iter_detection_batches(
+            train_shard, cfg.data.loader, cfg.data.augmentation, train=True
+        )
         metrics = train_one_epoch(
             model, criterion, optimizer, batches, cfg, device, epoch, amp_dtype, scaler, rank, steps_per_epoch,
             progress,
@@ -247,7 +249,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
         maybe_inject_fault(cfg, epoch, rank)
 
         if epoch + 1 < cfg.optimizer.epochs:  # Ray Data starts the next epoch while this one is evaluated
-            train_batches = iter_detection_batches(train_shard, cfg.data.loader, cfg.data.augmentation)
+            train_batches = iter_detection_batches(train_shard, cfg.data.loader, cfg.data.augmentation, train=True)
             next_epoch_batches = EarlyStart(train_batches, name=f"epoch{epoch + 1}-first-batch")
         val_batches = iter_detection_batches(val_share, cfg.data.loader, cfg.data.augmentation)
         evaluation = evaluate(

@@ -207,3 +207,14 @@ def test_torch_trainer_workers_each_get_their_share(ray_local, synthetic_root: P
     assert sorted(ranks[0]["train"] + ranks[1]["train"]) == train_ids
     assert [sorted(r["val"]) for r in ranks] == [val_ids, val_ids]  # val is not split: full set per worker
     assert [r["corrupt"] for r in ranks] == [0, 0]
+
+
+def test_drop_last_drops_no_val_image(ray_local, synthetic_root: Path) -> None:
+    from pipelines.ray_data import build_detection_dataset
+    from pipelines.torch_batches import iter_detection_batches
+
+    val_dir = synthetic_root / "val"  # 6 images: batches of 4 leave an incomplete last batch
+    aug, loader = AugmentationConfig(), LoaderConfig(batch_size=4, decode_batch_size=4, drop_last=True)
+    val = build_detection_dataset(val_dir, aug, loader, train=False)
+    assert sorted(_ids(list(iter_detection_batches(val, loader, aug)))) == sorted(load_meta_ids(val_dir))
+    assert len(_ids(list(iter_detection_batches(val, loader, aug, train=True)))) == 4  # training drops it

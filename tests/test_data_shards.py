@@ -19,6 +19,7 @@ from sd_detr.data.coco import DatasetExistsError, StrictValidationError, convert
 from sd_detr.data.config import AugmentationConfig, ConvertConfig, LoaderConfig
 from sd_detr.data.dataset import build_dataloader
 from sd_detr.data.meta import META_FILENAME, VALIDATION_FILENAME, MetaNotFoundError, load_meta
+from sd_detr.data.records import CocoFormatError
 from sd_detr.data.shards import SHARD_SCHEMA, ShardWriter
 from sd_detr.data.validation import Issue, ValidationReport
 from tests.conftest import encode_image
@@ -336,3 +337,56 @@ def test_dataloader_workers_split_an_epoch_exactly(synthetic_root: Path, seed: i
     expected = sorted(r["image_id"] for r in pq.read_table(load_meta(train_dir).shard_paths(train_dir)).to_pylist())
     assert [sorted(ids) for ids in epochs] == [expected, expected]  # every image exactly once per epoch
     assert epochs[0] != epochs[1]  # reshuffled
+
+
+def test_drop_last_applies_to_training_only(synthetic_root: Path) -> None:
+    val_dir = synthetic_root / "val"  # 6 images: batches of 4 leave an incomplete last batch
+    expected = sorted(r["image_id"] for r in pq.read_table(load_meta(val_dir).shard_paths(val_dir)).to_pylist())
+    loader = LoaderConfig(batch_size=4, drop_last=True, shuffle="none")
+
+    def ids(train: bool) -> list[int]:
+        batches = build_dataloader(val_dir, AugmentationConfig(), loader, train=train)
+        return [int(t["image_id"]) for b in batches for t in b.targets]
+
+    assert len(expected) % 4 != 0
+    assert sorted(ids(train=False)) == expected  # evaluation sees every image exactly once
+    assert len(ids(train=True)) == len(expected) // 4 * 4
+
+
+def test_iscrowd_other_than_0_or_1_skips_the_annotation(write_coco, tmp_path: Path) -> None:
+    images = [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}]
+    annotations = [
+        {"id": 1, "image_id": 1, "category_id": 2, "bbox": [1, 1, 20, 20], "iscrowd": "0"},
+        {"id": 2, "image_id": 1, "category_id": 2, "bbox": [30, 30, 20, 20], "iscrowd": "false"},
+        {"id": 3, "image_id": 1, "category_id": 2, "bbox": [5, 30, 20, 20], "iscrowd": 2},
+        {"id": 4, "image_id": 1, "category_id": 5, "bbox": [2, 2, 10, 10], "iscrowd": 0},
+        {"id": 5, "image_id": 1, "category_id": 5, "bbox": [3, 3, 10, 10], "iscrowd": True},
+        {"id": 6, "image_id": 1, "category_id": 5, "bbox": [4, 4, 10, 10]},
+        {"id": 7, "image_id": 1, "category_id": 5, "bbox": [6, 6, 10, 10], "iscrowd": None},  # null: as missing
+    ]
+    json_path, image_dir = write_coco(images, annotations, CATEGORIES)
+    out = tmp_path / "shards"
+    report = convert_coco_to_shards(
+        ConvertConfig(annotations=json_path, images=image_dir, out=out, progress=False)
+    ).report
+    assert report.count(Issue.INVALID_ANNOTATION_RECORD) == 3
+    assert report.examples[Issue.INVALID_ANNOTATION_RECORD.value] == [1, 2, 3]
+    assert report.count(Issue.CROWD_ANNOTATION) == 1 and report.count(Issue.ISCROWD_MISSING) == 2
+    (row,) = pq.read_table(load_meta(out).shard_paths(out)).to_pylist()
+    assert row["iscrowd"] == [0, 1, 0, 0] and row["category_ids"] == [5, 5, 5, 5]
+
+
+@pytest.mark.parametrize("category_id", [1.7, 2.0, "2", True, None])
+def test_category_id_must_be_an_int(
+    category_id: object, write_coco, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    images = [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}]
+    categories = [*CATEGORIES, {"id": category_id, "name": "odd"}]
+    json_path, image_dir = write_coco(images, [], categories)
+    out = tmp_path / "shards"
+    with pytest.raises(CocoFormatError, match=r"category .*'odd'.*id must be an int"):
+        _convert(json_path, image_dir, out)
+    assert prepare_main(["coco", "--annotations", str(json_path), "--images", str(image_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "'odd'" in err and "\n" not in err
+    assert not out.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -155,3 +156,16 @@ def test_pad_and_collate_pads_bottom_right_and_counts_corrupt() -> None:
 
     empty = pad_and_collate([CorruptSample(1, "a", "x"), CorruptSample(2, "b", "y")])
     assert len(empty) == 0 and empty.images.shape == (0, 3, 0, 0) and empty.num_corrupt == 2
+
+
+@pytest.mark.parametrize("min_box_size", [0.0, 0.5, 0.999])
+def test_min_box_size_below_torchvisions_minimum_is_rejected(min_box_size: float) -> None:
+    with pytest.raises(ValidationError, match="min_box_size"):
+        AugmentationConfig(min_box_size=min_box_size)
+
+
+def test_smallest_accepted_min_box_size_builds_the_train_transform() -> None:
+    cfg = AugmentationConfig(min_box_size=1.0)
+    image = tv_tensors.Image(torch.zeros(3, 64, 64, dtype=torch.uint8))
+    _, target = build_train_transform(cfg)(image, _raw_target([[0, 0, 40, 40]], [1], 64, 64))
+    assert target["labels"].tolist() == [1]

@@ -46,8 +46,9 @@ class AugmentationConfig(StrictModel):
     crop_max_size: int = Field(default=144, gt=0, description="Largest crop side (px) (DETR: 600).")
     min_box_size: float = Field(
         default=1.0,
-        ge=0.0,
-        description="Train boxes narrower or lower than this (px) after cropping are dropped.",
+        ge=1.0,
+        description="Train boxes narrower or lower than this (px) after cropping are dropped. At least 1 px: "
+        "torchvision's `SanitizeBoundingBoxes` rejects a smaller `min_size`.",
     )
     eval_size: int = Field(default=160, gt=0, description="Eval shorter side (px) (DETR: 800).")
     eval_max_size: int = Field(default=320, gt=0, description="Eval longer-side cap (px) (DETR: 1333).")
@@ -96,7 +97,11 @@ class LoaderConfig(StrictModel):
         default=True,
         description="Ray Data keeps row order (needed for bit-identical runs; slightly slower).",
     )
-    drop_last: bool = Field(default=False, description="Drop the last incomplete batch of an epoch.")
+    drop_last: bool = Field(
+        default=False,
+        description="Drop the last incomplete batch of each training epoch. Training only: evaluation always "
+        "batches every image (COCO AP would otherwise score a subset).",
+    )
     materialize_val: bool = Field(
         default=True,
         description="Ray path: decode + transform the val set once, at job start, and keep it in Ray's object "

@@ -84,7 +84,8 @@ def build_dataloader(
     train: bool,
     num_workers: int = 0,
 ) -> DataLoader:
-    """A `DataLoader` of `DetectionBatch`es over one shard directory (train: shuffled and augmented).
+    """A `DataLoader` of `DetectionBatch`es over one shard directory (train: shuffled, augmented, and
+    `loader.drop_last` applied; otherwise every image is batched).
 
     Call `dataloader.dataset.set_epoch(epoch)` before each epoch to vary shuffling and augmentation.
     """
@@ -99,6 +100,6 @@ def build_dataloader(
         batch_size=loader.batch_size,
         collate_fn=pad_and_collate,
         num_workers=num_workers,
-        drop_last=loader.drop_last,
+        drop_last=loader.drop_last and train,  # evaluation must see every image
         persistent_workers=False,
     )

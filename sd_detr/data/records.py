@@ -48,12 +48,25 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _valid_iscrowd(record: dict[str, Any]) -> bool:
+    """True when `iscrowd` is absent or null (filled in as 0) or an int/bool 0 or 1: a string such as "0" is
+    not guessed at (truthy "0" would have made a crowd region)."""
+    value = record.get("iscrowd")
+    return value is None or (isinstance(value, int) and value in (0, 1))
+
+
 def parse_categories(records: list[dict[str, Any]]) -> list[Category]:
-    """The json's categories, sorted by id. Raises CocoFormatError on a malformed record or repeated id."""
+    """The json's categories, sorted by id. Raises CocoFormatError on a malformed record, an id that is not
+    an int (1.7, "2", true: never coerced, as annotations name categories by exact id) or a repeated id."""
+    for record in records:
+        if isinstance(record, dict) and not is_int(record.get("id")):
+            found = repr(record["id"]) if "id" in record else "no id"
+            raise CocoFormatError(
+                f"invalid category record (name {record.get('name')!r}): id must be an int, got {found}"
+            )
     try:
         categories = [
-            Category(id=int(c["id"]), name=str(c["name"]), supercategory=str(c.get("supercategory") or ""))
-            for c in records
+            Category(id=c["id"], name=str(c["name"]), supercategory=str(c.get("supercategory") or "")) for c in records
         ]
     except (KeyError, TypeError, ValueError) as error:
         raise CocoFormatError(f"invalid category record: {error}") from error
@@ -108,10 +121,10 @@ def clean_annotation(
     if max(abs(x0 - x), abs(y0 - y), abs(x1 - x - w), abs(y1 - y - h)) > CLIP_TOLERANCE_PX:
         report.add(Issue.BOX_CLIPPED, source_id)
         box = (x0, y0, x1 - x0, y1 - y0)
-    iscrowd = 1 if record.get("iscrowd") else 0
+    iscrowd = int(record.get("iscrowd") or 0)  # 0/1, a bool or null: checked by `index_annotations`
     if iscrowd:
         report.add(Issue.CROWD_ANNOTATION, source_id)
-    if "iscrowd" not in record:
+    if record.get("iscrowd") is None:
         filled += (Issue.ISCROWD_MISSING,)
     area = record.get("area")
     valid_area = isinstance(area, int | float) and not isinstance(area, bool) and math.isfinite(area) and area > 0
@@ -145,6 +158,7 @@ def index_annotations(
             and isinstance(bbox, list | tuple)
             and len(bbox) == 4
             and all(isinstance(v, int | float) and not isinstance(v, bool) for v in bbox)
+            and _valid_iscrowd(record)
         ):
             report.add(Issue.INVALID_ANNOTATION_RECORD, record.get("id"))
             continue

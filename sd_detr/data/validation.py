@@ -40,7 +40,9 @@ ACTIONS: dict[Issue, str] = {
     Issue.MISSING_IMAGE_FILE: "image skipped",
     Issue.CORRUPT_IMAGE: "image skipped (bytes do not decode, or above the decompression-bomb pixel limit)",
     Issue.IMAGE_SIZE_MISMATCH: "image skipped (decoded size differs from the json width/height)",
-    Issue.INVALID_ANNOTATION_RECORD: "annotation skipped (bbox/category_id/image_id missing or malformed)",
+    Issue.INVALID_ANNOTATION_RECORD: (
+        "annotation skipped (bbox/category_id/image_id missing or malformed, or iscrowd not 0/1)"
+    ),
     Issue.ANNOTATION_UNKNOWN_IMAGE: "annotation skipped (its image_id has no image record)",
     Issue.ANNOTATION_OF_SKIPPED_IMAGE: "annotation skipped (its image was skipped)",
     Issue.UNKNOWN_CATEGORY: "annotation skipped",
@@ -50,7 +52,7 @@ ACTIONS: dict[Issue, str] = {
     Issue.CROWD_ANNOTATION: "kept with iscrowd=1 (COCO eval ignores its region); excluded from training",
     Issue.ANNOTATION_ID_ASSIGNED: "kept; id missing, not a positive int, or a duplicate: a new unique id assigned",
     Issue.AREA_FROM_BOX: "kept; area missing or not positive: filled in as the box area w*h",
-    Issue.ISCROWD_MISSING: "kept; iscrowd missing: filled in as 0",
+    Issue.ISCROWD_MISSING: "kept; iscrowd missing or null: filled in as 0",
 }
 
 # Issues that are information, not problems: they never fail a --strict conversion. The three filled-in
