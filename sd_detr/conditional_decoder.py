@@ -40,6 +40,8 @@ class ConditionalDecoder(nn.Module):
 
     In layer l the spatial query is ``p_s = T(f) * PE(ref)``, with ``T`` = identity in the first layer and
     an MLP of the current decoder embedding ``f`` afterwards; ``PE`` is the sine embedding of the center.
+    A one-layer decoder has no MLP (``query_scale`` is None): a parameter that never gets a gradient would
+    break DDP with ``find_unused_parameters=False``.
     """
 
     def __init__(self, config: TransformerConfig) -> None:
@@ -48,7 +50,7 @@ class ConditionalDecoder(nn.Module):
         self.layers = nn.ModuleList(
             ConditionalDecoderLayer(config, is_first=index == 0) for index in range(config.num_decoder_layers)
         )
-        self.query_scale = MLP(d, d, d, 2)
+        self.query_scale = MLP(d, d, d, 2) if config.num_decoder_layers > 1 else None
         self.norm = nn.LayerNorm(d)
 
     def forward(
@@ -65,7 +67,7 @@ class ConditionalDecoder(nn.Module):
         center_sine = sine_embed_points(reference_points[..., :2], content.shape[-1])
         x, hidden = content, []
         for index, layer in enumerate(self.layers):
-            query_sine = center_sine if index == 0 else center_sine * self.query_scale(x)
+            query_sine = center_sine if index == 0 or self.query_scale is None else center_sine * self.query_scale(x)
             x = layer(x, query_pos, query_sine, memory, memory_pos, memory_padding_mask)
             hidden.append(self.norm(x))
         return torch.stack(hidden)

@@ -137,7 +137,9 @@ class BackboneConfig(StrictModel):
 class TransformerConfig(StrictModel):
     """Encoder/decoder sizes shared by both variants."""
 
-    d_model: int = Field(256, gt=0, description="Width of the transformer (channels of the projected features).")
+    d_model: int = Field(
+        256, gt=0, description="Width of the transformer (channels of the projected features); a multiple of 4."
+    )
     num_heads: int = Field(8, gt=0, description="Attention heads; must divide d_model (and 2*d_model).")
     num_encoder_layers: int = Field(6, ge=0, description="Post-norm encoder layers.")
     num_decoder_layers: int = Field(6, ge=1, description="Decoder layers (each gives an auxiliary output).")
@@ -150,8 +152,11 @@ class TransformerConfig(StrictModel):
             raise ValueError(
                 f"transformer.d_model ({self.d_model}) must be divisible by transformer.num_heads ({self.num_heads})"
             )
-        if self.d_model % 2 != 0:
-            raise ValueError(f"transformer.d_model ({self.d_model}) must be even (sine embedding halves)")
+        if self.d_model % 4 != 0:
+            raise ValueError(
+                f"transformer.d_model ({self.d_model}) must be a multiple of 4: the sine position embeddings give "
+                "each coordinate d_model / 2 features in sin/cos pairs"
+            )
         return self
 
 
@@ -386,18 +391,32 @@ class DetectorConfig(StrictModel):
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
+def json_shaped(value: Any) -> Any:
+    """A deep copy of ``value`` made of JSON types only: what a config file in JSON would hold. A value JSON
+    has no type for (a YAML date or timestamp) becomes its string form (``2026-12-01``)."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``"a.b.c=value"`` into ``(["a", "b", "c"], parsed value)``; the value is a YAML scalar/list."""
+    """Split ``"a.b.c=value"`` into ``(["a", "b", "c"], value)``: the value parsed as YAML (scalar, list or
+    mapping) and made :func:`json_shaped`, so an override means the same wherever it stands in a list.
+
+    Raises ``ValueError`` naming the override when there is no ``=`` or the key path has an empty segment
+    (``=1``, ``.=1``, ``a..b=1``, ``a.=1``).
+    """
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ValueError(f"override {text!r} is not of the form key.path=value")
-    path = [part for part in key.strip().split(".") if part]
-    return path, yaml.safe_load(raw) if raw.strip() else ""
+    path = key.strip().split(".")
+    if not all(part.strip() for part in path):
+        raise ValueError(f"override {text!r}: key path {key.strip()!r} has an empty segment (expected key.path=value)")
+    return path, json_shaped(yaml.safe_load(raw)) if raw.strip() else ""
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Return a deep copy of ``data`` with each ``key.path=value`` override set (missing dicts are created)."""
-    result: dict[str, Any] = json.loads(json.dumps(dict(data), default=str))
+    """Return a :func:`json_shaped` deep copy of ``data`` with each ``key.path=value`` override
+    (:func:`parse_override`) set, in order (missing sections are created)."""
+    result: dict[str, Any] = json_shaped(dict(data))
     for text in overrides:
         path, value = parse_override(text)
         node = result

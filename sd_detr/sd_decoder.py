@@ -65,7 +65,12 @@ class SDDecoderLayer(nn.Module):
 
 
 class SDDecoder(nn.Module):
-    """Stack of :class:`SDDecoderLayer` (divided from ``query_split`` on), per-stream T and final norms."""
+    """Stack of :class:`SDDecoderLayer` (divided from ``query_split`` on), per-stream T and final norms.
+
+    T is the identity in the first layer and a per-stream MLP afterwards; a one-layer decoder has no MLPs
+    (``cls_query_scale`` / ``loc_query_scale`` are None), so that no parameter goes without a gradient (DDP
+    with ``find_unused_parameters=False``).
+    """
 
     def __init__(self, config: TransformerConfig, query_split: int) -> None:
         super().__init__()
@@ -74,8 +79,9 @@ class SDDecoder(nn.Module):
             SDDecoderLayer(config, is_first=index == 0, divided=index >= query_split)
             for index in range(config.num_decoder_layers)
         )
-        self.cls_query_scale = MLP(d, d, d, 2)
-        self.loc_query_scale = MLP(d, d, d, 2)
+        later_layers = config.num_decoder_layers > 1
+        self.cls_query_scale = MLP(d, d, d, 2) if later_layers else None
+        self.loc_query_scale = MLP(d, d, d, 2) if later_layers else None
         self.cls_norm = nn.LayerNorm(d)
         self.loc_norm = nn.LayerNorm(d)
 
@@ -94,12 +100,18 @@ class SDDecoder(nn.Module):
         center_sine = sine_embed_points(reference[..., :2], cls.shape[-1])
         cls_hidden, loc_hidden = [], []
         for index, layer in enumerate(self.layers):
-            cls_sine = center_sine if index == 0 else center_sine * self.cls_query_scale(cls)
-            loc_sine = center_sine if index == 0 else center_sine * self.loc_query_scale(loc)
+            cls_sine, loc_sine = self._spatial_queries(index, center_sine, cls, loc)
             cls, loc = layer(cls, loc, query_pos, cls_sine, loc_sine, memory, memory_pos, memory_padding_mask)
             cls_hidden.append(self.cls_norm(cls))
             loc_hidden.append(self.loc_norm(loc))
         return torch.stack(cls_hidden), torch.stack(loc_hidden)
+
+    def _spatial_queries(self, index: int, center_sine: Tensor, cls: Tensor, loc: Tensor) -> tuple[Tensor, Tensor]:
+        """Layer ``index``'s spatial query T(f) * PE(ref) of each stream: center_sine, cls, loc [B, N, d] ->
+        (cls_sine, loc_sine) [B, N, d]."""
+        if index == 0 or self.cls_query_scale is None or self.loc_query_scale is None:
+            return center_sine, center_sine
+        return center_sine * self.cls_query_scale(cls), center_sine * self.loc_query_scale(loc)
 
 
 class SDDetrDecoding(nn.Module):

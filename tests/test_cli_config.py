@@ -55,6 +55,27 @@ def test_malformed_set_value_exits_2_with_one_line(value, capsys, no_training):
     assert f"--set {value!r}" in line and "not valid YAML" in line
 
 
+@pytest.mark.parametrize("key", [".", "", "training..run_name", "training."])
+def test_set_with_an_empty_key_segment_exits_2_with_one_line(key, capsys, no_training):
+    override = f"{key}=1"
+    with pytest.raises(SystemExit) as exit_info:
+        train_cli.main(["--set", override])
+    assert exit_info.value.code == 2
+    assert repr(override) in _one_line_error(capsys)
+
+
+def test_set_order_does_not_change_the_config(monkeypatch):
+    """A YAML date (``2026-12-01``) is a run name's string whether its ``--set`` comes first or last."""
+    seen = []
+    monkeypatch.setattr(train_cli, "run_training", seen.append)
+    monkeypatch.setattr(train_cli, "log_summary", lambda outcome, cfg: None)
+    name, epochs = "training.run_name=2026-12-01", "optimizer.epochs=3"
+    train_cli.main(["--set", name, "--set", epochs])
+    train_cli.main(["--set", epochs, "--set", name])
+    assert seen[0] == seen[1]
+    assert (seen[1].training.run_name, seen[1].optimizer.epochs) == ("2026-12-01", 3)
+
+
 def _capture(monkeypatch, module, name):
     seen = {}
 

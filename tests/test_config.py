@@ -17,6 +17,8 @@ from sd_detr.config import (
     DetectorConfig,
     LossConfig,
     SDDetrModelConfig,
+    TransformerConfig,
+    apply_overrides,
     error_location,
     flatten_config,
     load_config,
@@ -78,6 +80,30 @@ def test_missing_file_and_bad_override() -> None:
         load_config(DetectorConfig, "no/such/file.yaml")
     with pytest.raises(ValueError, match=r"key\.path=value"):
         load_config(DetectorConfig, overrides=["model.num_classes"])
+
+
+@pytest.mark.parametrize("override", [".=1", "a..b=1", "a.=1", ".a=1", "a. .b=1"])
+def test_override_with_an_empty_key_segment_is_an_error(override: str) -> None:
+    with pytest.raises(ValueError, match="empty segment") as error:
+        apply_overrides({}, [override])
+    assert repr(override) in str(error.value)
+
+
+def test_override_values_are_json_shaped_wherever_they_stand() -> None:
+    """A YAML date is its string form as the last override too, not only before another one."""
+    date_first = apply_overrides({}, ["a.day=2026-12-01", "b=3"])
+    date_last = apply_overrides({}, ["b=3", "a.day=2026-12-01"])
+    assert date_first == date_last == {"a": {"day": "2026-12-01"}, "b": 3}
+    assert apply_overrides({}, ["a={when: 2026-12-01 10:00:00, days: [2026-12-02]}"]) == {
+        "a": {"when": "2026-12-01 10:00:00", "days": ["2026-12-02"]}
+    }
+
+
+def test_d_model_must_be_a_multiple_of_four() -> None:
+    """The sine position embeddings split d_model / 2 features per coordinate into sin/cos pairs."""
+    with pytest.raises(ValidationError, match="multiple of 4"):
+        TransformerConfig(d_model=18, num_heads=2)
+    assert TransformerConfig(d_model=20, num_heads=2).d_model == 20
 
 
 def test_every_variant_config_loads() -> None:
