@@ -7,7 +7,6 @@ is ignored here; `mlflow.pyfunc.load_model` is the way that runs it).
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,10 +78,12 @@ def load_registered_model(model_uri: str, tracking_uri: str | None = None) -> Lo
 
 def load_checkpoint_model(checkpoint_dir: str | Path) -> LoadedModel:
     """A Ray Train checkpoint directory of `pipelines/train.py` -> :class:`LoadedModel`."""
-    from pipelines.checkpoint import load_checkpoint_state  # torch.load(weights_only=True)
+    from pipelines.checkpoint import checkpoint_config_json, load_checkpoint_state  # torch.load(weights_only=True)
 
     state = load_checkpoint_state(checkpoint_dir)
-    cfg = TrainJobConfig.model_validate(json.loads(state["config"]))
+    # the fields the checkpoint predates at the values it was trained with (a default that moved since, e.g.
+    # model.taq_proposal_size, is no weight: load_state_dict would not notice)
+    cfg = TrainJobConfig.model_validate(checkpoint_config_json(checkpoint_dir))
     model = build_detector(without_backbone_weights(cfg.model))  # the checkpoint holds the trained backbone
     model.load_state_dict(state["model"])
     meta = load_meta(cfg.data.val_dir)

@@ -183,3 +183,29 @@ def test_resumed_changes_are_tagged_within_mlflow_s_limit_and_the_config_logged(
     assert len(tag) <= RESUMED_CHANGES_MAX_CHARS and tag.endswith("(101 fields, see config_resumed.yaml)")
     assert tag.startswith("field.0: <absent> -> xxx")
     assert [a.path for a in client.list_artifacts(run_id)] == ["config_resumed.yaml"]
+
+
+@pytest.mark.parametrize("with_config_file", [True, False], ids=["config.json", "state.pt only"])
+def test_a_checkpoint_saved_before_a_config_field_existed_loads_for_inference_as_it_was_trained(
+    tmp_path, synthetic_root, with_config_file: bool
+) -> None:
+    """evaluate.py / predict.py on such a checkpoint build the model it was trained as (proposals of side 0.05):
+    the side is no weight, so a model built with today's default would load its weights silently."""
+    import torch
+
+    from pipelines.checkpoint import CHECKPOINT_FILE
+    from pipelines.inference import load_checkpoint_model
+    from sd_detr.model import build_detector
+
+    folder = _write_checkpoint(tmp_path, synthetic_root, "older", [])
+    saved = json.loads((folder / CONFIG_FILE).read_text())
+    del saved["model"]["taq_proposal_size"]
+    cfg = resolve_data(tiny_job_config(tmp_path, synthetic_root, "older").with_absolute_paths())
+    torch.save({"model": build_detector(cfg.model).state_dict(), "config": json.dumps(saved)}, folder / CHECKPOINT_FILE)
+    if with_config_file:
+        (folder / CONFIG_FILE).write_text(json.dumps(saved))
+    else:
+        (folder / CONFIG_FILE).unlink()
+    loaded = load_checkpoint_model(folder)
+    assert loaded.model.config.taq_proposal_size == 0.05
+    assert loaded.model.decoding.query_generator.proposal_size == 0.05
