@@ -11,6 +11,7 @@ from pathlib import Path
 import ray.train
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from ray.train.torch import TorchTrainer
 
 from pipelines.checkpoint import load_checkpoint_state
 from pipelines.config import TrainJobConfig
@@ -50,6 +51,71 @@ class TrackingIncompleteError(RuntimeError):
     def __init__(self, message: str, outcome: TrainingOutcome) -> None:
         super().__init__(message)
         self.outcome = outcome
+
+
+class TrainingFailed(RuntimeError):
+    """Training itself failed: a worker error past ``training.max_failures`` restarts, or Ray Train's
+    controller. The message is a short summary (run, the error of each failed rank, where the checkpoints
+    are, how to resume); the workers' tracebacks are in the job's log above it."""
+
+
+def error_summary(error: BaseException, max_chars: int = 300) -> str:
+    """The last non-empty line of ``error``'s text (a worker error's text ends with the original
+    ``Type: message`` line after Ray's traceback), cut to ``max_chars``; the type's name when it has none."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[-1] if lines else type(error).__name__
+    if ":" not in text:
+        text = f"{type(error).__name__}: {text}"
+    return text[:max_chars]
+
+
+def failure_message(cfg: TrainJobConfig, run_id: str, error: BaseException) -> str:
+    """The one message a failed training job ends with (see :class:`TrainingFailed`)."""
+    failures = getattr(error, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        causes = [f"rank {rank}: {error_summary(failure)}" for rank, failure in sorted(failures.items())]
+    else:
+        cause = getattr(error, "controller_failure", None) or error
+        causes = [error_summary(cause)]
+    return "\n".join(
+        [
+            f"training run {cfg.training.run_name!r} failed (after training.max_failures="
+            f"{cfg.training.max_failures} restart(s) of the worker group):",
+            *(f"  {cause}" for cause in causes),
+            f"  checkpoints kept in: {cfg.training.storage_path}/{cfg.training.run_name}; MLflow run {run_id} is "
+            "marked FAILED",
+            "  the workers' tracebacks are in the log above; once fixed, rerun the same command: it resumes from "
+            "the last checkpoint",
+        ]
+    )
+
+
+def fail_run(prepared: PreparedRun, error: BaseException) -> None:
+    """Send what the outbox holds (briefly), mark the MLflow run FAILED and raise :class:`TrainingFailed`."""
+    cfg = prepared.config
+    try:
+        client = client_for(prepared.tracking_uri)
+        bound_http_retries()
+        outbox = TrackingOutbox.open(
+            client, prepared.run_id, RunStorage(cfg.training.storage_path, cfg.training.run_name)
+        )
+        outbox.flush(FINAL_FLUSH_DELAYS_S[:2])
+        client.set_terminated(prepared.run_id, status="FAILED")
+    except Exception as tracking_error:  # the training error is the one to report
+        logger.warning("could not mark MLflow run %s FAILED: %s", prepared.run_id, tracking_error)
+    raise TrainingFailed(failure_message(cfg, prepared.run_id, error)) from error
+
+
+def fit_or_fail(prepared: PreparedRun, trainer: TorchTrainer) -> ray.train.Result:
+    """``trainer.fit()``; when training fails (Ray Train raises :class:`ray.train.TrainingFailedError`, or
+    returns a result with an error), :func:`fail_run`."""
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        fail_run(prepared, error)
+    if result.error is not None:
+        fail_run(prepared, result.error)
+    return result
 
 
 def select_best_checkpoint(result: ray.train.Result) -> tuple[ray.train.Checkpoint | None, dict]:
@@ -113,21 +179,16 @@ def finish_run(prepared: PreparedRun, result: ray.train.Result) -> TrainingOutco
     checkpoint's model and move the alias.
 
     Raises:
-        RuntimeError: training itself failed (the run is marked FAILED when MLflow answers).
+        TrainingFailed: training itself failed (the run is marked FAILED when MLflow answers).
         TrackingIncompleteError: training finished but MLflow stayed unreachable (after about a minute of
             retries, :data:`FINAL_FLUSH_DELAYS_S`): the unsent metrics stay in the run's storage folder and
             the message holds the `pipelines/register.py` command that logs them and registers the model.
     """
+    if result.error is not None:
+        fail_run(prepared, result.error)
     cfg, client = prepared.config, client_for(prepared.tracking_uri)
     bound_http_retries()
     outbox = TrackingOutbox.open(client, prepared.run_id, RunStorage(cfg.training.storage_path, cfg.training.run_name))
-    if result.error is not None:
-        try:
-            outbox.flush(FINAL_FLUSH_DELAYS_S[:2])
-            client.set_terminated(prepared.run_id, status="FAILED")
-        except Exception as error:  # the training error is the one to report
-            logger.warning("could not mark MLflow run %s FAILED: %s", prepared.run_id, error)
-        raise RuntimeError(f"training run {cfg.training.run_name!r} failed: {result.error}") from result.error
     best_checkpoint, best_metrics = select_best_checkpoint(result)
     returned = result.return_value or {}
     outcome = TrainingOutcome(

@@ -15,7 +15,10 @@ Rerunning a ``training.run_name`` resumes its last checkpoint; a checkpoint made
 optimisation config is refused (exit code 2, naming the differing fields), and so is a second job on the same
 run name and storage path while one runs. If MLflow goes away during training, training goes on and what
 could not be logged is kept beside the checkpoints; if it is still unreachable at the end, the job exits with
-code 3 and prints the `pipelines/register.py` command that logs it and registers the model later.
+code 3 and prints the `pipelines/register.py` command that logs it and registers the model later. If
+training itself fails (a worker error past ``training.max_failures`` restarts), the MLflow run is marked
+FAILED and the job exits with code 1, naming each failed rank's error; the checkpoints stay, and rerunning
+the same command resumes from the last one.
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ import argparse
 from pipelines.cli import add_config_arguments, configure_logging, fail, load_or_exit
 from pipelines.config import DEFAULT_CONFIG, TrainJobConfig
 from pipelines.ray_cluster import ClusterTooSmallError
-from pipelines.run_outcome import TrackingIncompleteError, log_summary
+from pipelines.run_outcome import TrackingIncompleteError, TrainingFailed, log_summary
 from pipelines.tracking import TrackingUnavailableError
 from pipelines.training import run_training
 from sd_detr.data.lock import LockHeldError
 
 TRACKING_INCOMPLETE_EXIT_CODE = 3
+TRAINING_FAILED_EXIT_CODE = 1
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,6 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     except TrackingIncompleteError as error:
         log_summary(error.outcome, cfg)
         fail(str(error), code=TRACKING_INCOMPLETE_EXIT_CODE)
+    except TrainingFailed as error:
+        fail(str(error), code=TRAINING_FAILED_EXIT_CODE)
     log_summary(outcome, cfg)
 
 

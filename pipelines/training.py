@@ -8,7 +8,7 @@ import logging
 from pipelines.config import TrainJobConfig
 from pipelines.ray_cluster import check_cluster_fits, ensure_ray
 from pipelines.run_guard import job_lock
-from pipelines.run_outcome import TrainingOutcome, finish_run
+from pipelines.run_outcome import TrainingOutcome, finish_run, fit_or_fail
 from pipelines.run_setup import check_backbone_init, prepare_run
 from pipelines.tracking import run_url
 from pipelines.trainer import build_trainer
@@ -26,5 +26,5 @@ def run_training(cfg: TrainJobConfig, callbacks: list | None = None) -> Training
                     run_url(prepared.tracking_uri, prepared.experiment_id, prepared.run_id))  # fmt: skip
         ensure_ray()
         check_cluster_fits(prepared.config)
-        result = build_trainer(prepared, callbacks).fit()
+        result = fit_or_fail(prepared, build_trainer(prepared, callbacks))
         return finish_run(prepared, result)

@@ -89,6 +89,36 @@ def test_killed_worker_resumes_from_checkpoint(ray_local, synthetic_root, tmp_pa
     assert [step for step, _ in _history(client, outcome.run_id, "val_AP")][-1] == 1
 
 
+def test_a_worker_failure_past_max_failures_exits_1_marks_the_run_failed_and_a_rerun_resumes(
+    ray_local, synthetic_root, tmp_path, capsys
+) -> None:
+    """Ray Train 2.60 raises a worker group's error from ``fit()``: the job turns it into one summary (the failed
+    rank's error, where the checkpoints are) and exit code 1, not a traceback, and the MLflow run is FAILED, not
+    left RUNNING. The same command then resumes from the last checkpoint (the fault fires once)."""
+    from pipelines.train import main
+
+    fault = ["training.fault_injection.kill_after_epoch=1", "training.fault_injection.rank=1",
+             "training.max_failures=0", "tracking.register_model=false"]  # fmt: skip
+    overrides = [*tiny_job_overrides(tmp_path, synthetic_root, "dies", epochs=2), *fault]
+    with pytest.raises(SystemExit) as exit_info:
+        main([arg for override in overrides for arg in ("--set", override)])
+    assert exit_info.value.code == 1
+    message = capsys.readouterr().err
+    assert "training run 'dies' failed (after training.max_failures=0 restart(s)" in message
+    assert "rank 1: " in message and "rerun the same command" in message
+    assert "Traceback" not in message.split("training run 'dies' failed")[-1]
+    cfg = tiny_job_config(tmp_path, synthetic_root, "dies", epochs=2, extra=fault)
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert run.info.status == "FAILED"
+    assert [step for step, _ in _history(client, run.info.run_id, "val_AP")] == [0]
+    outcome = run_training(cfg)
+    assert outcome.run_id == run.info.run_id
+    assert client.get_run(outcome.run_id).info.status == "FINISHED"
+    assert _history(client, outcome.run_id, "resumed_from_epoch") == [(1, 0.0)]
+    assert [step for step, _ in _history(client, outcome.run_id, "val_AP")] == [0, 1]
+
+
 def test_rerunning_a_run_name_resumes_at_the_next_epoch(ray_local, synthetic_root, tmp_path) -> None:
     first = run_training(tiny_job_config(tmp_path, synthetic_root, "resume", epochs=1))
     cfg = tiny_job_config(tmp_path, synthetic_root, "resume", epochs=2)

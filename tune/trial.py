@@ -17,7 +17,7 @@ import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipelines.cli import configure_logging
-from pipelines.run_outcome import finish_run
+from pipelines.run_outcome import finish_run, fit_or_fail
 from pipelines.run_setup import prepare_run
 from pipelines.tags import TRIAL_ID_TAG
 from pipelines.tracking import client_for
@@ -74,5 +74,5 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     prepared = prepare_run(cfg, run_name=run_name, parent_run_id=setup.parent_run_id)
     client_for(prepared.tracking_uri).set_tag(prepared.run_id, TRIAL_ID_TAG, trial_id)
     logger.info("[trial %s] %s -> MLflow run %s (%s)", trial_id, params, prepared.run_id, run_name)
-    result = build_trainer(prepared, callbacks=[EpochReportCallback()]).fit()
+    result = fit_or_fail(prepared, build_trainer(prepared, callbacks=[EpochReportCallback()]))
     finish_run(prepared, result)
