@@ -30,11 +30,14 @@ from pipelines.metrics_outbox import RunStorage, TrackingOutbox, bound_http_retr
 from pipelines.run_outcome import register_checkpoint_dir, registered_version_of
 from pipelines.run_setup import TRACKING_FILE, PreparedRun
 from pipelines.tracking import (
+    AliasNotMovedError,
+    AliasUpdateError,
     TrackingUnavailableError,
     check_reachable,
     client_for,
     find_run,
     get_or_create_experiment,
+    move_alias,
     start_or_resume_run,
 )
 from sd_detr.config import flatten_config
@@ -101,21 +104,28 @@ def main(argv: list[str] | None = None) -> None:
         if not outbox.flush():
             raise ConnectionError(outbox.last_error)
         if not args.no_register:
+            val_ap = checkpoint_metrics(checkpoint).get(VAL_AP)
+            if val_ap is None:
+                fail(f"{checkpoint} has no val_AP in its metrics.json: cannot compare it with the champion")
             before = registered_version_of(client, run_id, checkpoint.name, cfg.tracking.model_name)
-            if before is not None:
+            if before is not None:  # registered by the job or an earlier call: only the alias is (re)tried
                 logger.info("%s is already registered as version %s", checkpoint.name, before)
+                version = before
+                aliased = move_alias(client, cfg.tracking.model_name, cfg.tracking.alias, before, float(val_ap))
             else:
-                val_ap = checkpoint_metrics(checkpoint).get(VAL_AP)
-                if val_ap is None:
-                    fail(f"{checkpoint} has no val_AP in its metrics.json: cannot compare it with the champion")
                 prepared = PreparedRun(cfg, uri, experiment_id, run_id, resumed=True)
                 version, aliased = register_checkpoint_dir(prepared, checkpoint, float(val_ap), checkpoint.name)
-                state = "moved" if aliased else "kept"
-                logger.info("registered models:/%s/%s (val AP %.4f), @%s %s", cfg.tracking.model_name, version,
-                            val_ap, cfg.tracking.alias, state)  # fmt: skip
+            state = "points at it" if aliased else "kept"
+            logger.info("models:/%s/%s (val AP %.4f), @%s %s", cfg.tracking.model_name, version, val_ap,
+                        cfg.tracking.alias, state)  # fmt: skip
         client.set_terminated(run_id, status="FINISHED")
     except SystemExit:
         raise
+    except AliasNotMovedError as error:
+        if isinstance(error.cause, AliasUpdateError):  # the registry needs a hand, not a retry
+            fail(f"{error}; once fixed, rerun this command", code=FAILED_MIDWAY_EXIT_CODE)
+        fail(f"MLflow at {uri} failed midway ({error}); rerun this command (the version is not registered twice)",
+             code=FAILED_MIDWAY_EXIT_CODE)  # fmt: skip
     except Exception as error:
         fail(f"MLflow at {uri} failed midway ({type(error).__name__}: {str(error)[:300]}); rerun this command "
              "(what was sent is not sent twice)", code=FAILED_MIDWAY_EXIT_CODE)  # fmt: skip

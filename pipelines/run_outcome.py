@@ -19,7 +19,7 @@ from pipelines.metrics_outbox import RunStorage, TrackingOutbox, bound_http_retr
 from pipelines.model_artifact import write_checkpoint_model_files
 from pipelines.run_setup import PreparedRun
 from pipelines.tags import REGISTERED_CHECKPOINT_TAG, REGISTERED_VERSION_TAG
-from pipelines.tracking import client_for, register_model
+from pipelines.tracking import AliasNotMovedError, AliasUpdateError, client_for, move_alias, register_model
 from sd_detr.names import BEST_VAL_AP, VAL_AP
 
 logger = logging.getLogger(__name__)
@@ -166,12 +166,12 @@ def register_checkpoint_dir(prepared: PreparedRun, directory: str | Path, val_ap
         paths, example = write_checkpoint_model_files(
             model_dir, state["model"], cfg, cfg.data.val_dir, cfg.data.augmentation
         )
-        registered = register_model(
+        # the run's tags name the version and the checkpoint before the alias step: if that fails, a rerun
+        # finds the version (registered_version_of) and retries only the alias
+        return register_model(
             prepared.tracking_uri, prepared.run_id, paths, example, cfg.tracking.model_name, cfg.tracking.alias,
-            val_ap, {"epoch": int(state["epoch"]), VAL_AP: float(val_ap)},
+            val_ap, {"epoch": int(state["epoch"]), VAL_AP: float(val_ap)}, {REGISTERED_CHECKPOINT_TAG: name},
         )  # fmt: skip
-    client_for(prepared.tracking_uri).set_tag(prepared.run_id, REGISTERED_CHECKPOINT_TAG, name)
-    return registered
 
 
 def finish_run(prepared: PreparedRun, result: ray.train.Result) -> TrainingOutcome:
@@ -208,8 +208,11 @@ def finish_run(prepared: PreparedRun, result: ray.train.Result) -> TrainingOutco
             before = registered_version_of(
                 client, prepared.run_id, checkpoint_name(best_checkpoint), cfg.tracking.model_name
             )
-            if before is not None:  # a rerun of a finished job: nothing new to register
+            if before is not None:  # a rerun of a finished job: nothing new to register, the alias is retried
                 outcome.registered_version, outcome.registered_before = before, True
+                outcome.aliased = move_alias(
+                    client, cfg.tracking.model_name, cfg.tracking.alias, before, float(best_metrics[VAL_AP])
+                )
             else:
                 outcome.registered_version, outcome.aliased = register_checkpoint(
                     prepared, best_checkpoint, float(best_metrics[VAL_AP])
@@ -217,16 +220,26 @@ def finish_run(prepared: PreparedRun, result: ray.train.Result) -> TrainingOutco
         client.set_terminated(prepared.run_id, status="FINISHED")
     except Exception as error:
         missing = [outbox.describe()] if outbox.pending or outbox.unsent_artifacts() else []
+        if isinstance(error, AliasNotMovedError):
+            outcome.registered_version = error.version
+            missing.append(f"the @{cfg.tracking.alias} alias (version {error.version} is registered)")
         if register and outcome.registered_version is None:
             missing.append(f"the model of {outcome.checkpoint_path} (not registered)")
         command = f"python pipelines/register.py --checkpoint {outcome.checkpoint_path}"
         if not register:
             command += " --no-register"
+        if isinstance(error, AliasNotMovedError) and isinstance(error.cause, AliasUpdateError):
+            problem, retry = f"its alias could not be moved safely: {error.cause}", "once fixed, run"
+        else:
+            problem = (
+                f"MLflow at {prepared.tracking_uri} could not be reached to finish it "
+                f"({type(error).__name__}: {str(error)[:200]})"
+            )
+            retry = "when MLflow is back, run"
         raise TrackingIncompleteError(
             f"training run {cfg.training.run_name!r} finished (checkpoints in {cfg.training.storage_path}/"
-            f"{cfg.training.run_name}) but MLflow at {prepared.tracking_uri} could not be reached to finish it "
-            f"({type(error).__name__}: {str(error)[:200]}).\n  not logged: {'; '.join(missing) or 'run status'}\n"
-            f"  kept in: {outbox.storage.uri}\n  when MLflow is back, run: {command}",
+            f"{cfg.training.run_name}) but {problem}.\n  not done: {'; '.join(missing) or 'run status'}\n"
+            f"  kept in: {outbox.storage.uri}\n  {retry}: {command}",
             outcome,
         ) from error
     return outcome
@@ -243,7 +256,11 @@ def log_summary(outcome: TrainingOutcome, cfg: TrainJobConfig) -> None:
     if outcome.registered_version is not None:
         alias = f", alias @{cfg.tracking.alias} moved" if outcome.aliased else f", @{cfg.tracking.alias} kept"
         if outcome.registered_before:
-            alias = " (registered from this checkpoint by an earlier job of the run: not registered twice)"
+            where = "points at it" if outcome.aliased else "kept"
+            alias = (
+                " (registered from this checkpoint by an earlier job of the run: not registered twice), "
+                f"@{cfg.tracking.alias} {where}"
+            )
         lines.append(f"   registered    : models:/{cfg.tracking.model_name}/{outcome.registered_version}{alias}")
     lines.append(f"   MLflow run id : {outcome.run_id}")
     logger.info("\n".join(lines))

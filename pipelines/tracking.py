@@ -149,7 +149,7 @@ def current_alias_holder(client: MlflowClient, model_name: str, alias: str) -> t
 
 def update_alias(client: MlflowClient, model_name: str, alias: str, version: str, val_ap: float) -> bool:
     """Point ``alias`` at ``version`` when ``val_ap`` beats the aliased version's AP (or nothing has the alias);
-    re-read the alias afterwards. Returns whether the alias was moved.
+    re-read the alias afterwards. Returns whether the alias points at ``version`` (moved now, or already).
 
     Raises:
         AliasUpdateError: the current holder's AP is unreadable, or the alias does not point at ``version``
@@ -157,6 +157,9 @@ def update_alias(client: MlflowClient, model_name: str, alias: str, version: str
         MlflowException: reading or setting the alias failed; the alias was not moved by this call.
     """
     current = current_alias_holder(client, model_name, alias)
+    if current is not None and current[0] == str(version):  # a retry after the alias moved: nothing to do
+        logger.info("%s@%s already points at version %s", model_name, alias, version)
+        return True
     if current is not None and not val_ap > current[1]:
         logger.info("%s@%s stays at version %s (AP %.4f >= %.4f)", model_name, alias, current[0], current[1], val_ap)
         return False
@@ -171,6 +174,27 @@ def update_alias(client: MlflowClient, model_name: str, alias: str, version: str
     return True
 
 
+class AliasNotMovedError(RuntimeError):
+    """``version`` of ``model_name`` is registered (and its run tagged with it), but moving ``alias`` failed:
+    the holder's AP could not be read or compared (:class:`AliasUpdateError`, the cause) or MLflow failed.
+    Retrying (the job or `pipelines/register.py`) reuses the version and tries the alias again."""
+
+    def __init__(self, model_name: str, version: str, alias: str, cause: Exception) -> None:
+        super().__init__(
+            f"{model_name} version {version} is registered, but @{alias} was not compared or moved "
+            f"({type(cause).__name__}: {str(cause)[:300]})"
+        )
+        self.version, self.cause = version, cause
+
+
+def move_alias(client: MlflowClient, model_name: str, alias: str, version: str, val_ap: float) -> bool:
+    """:func:`update_alias` for a registered ``version``; any failure is raised as :class:`AliasNotMovedError`."""
+    try:
+        return update_alias(client, model_name, alias, version, val_ap)
+    except Exception as error:
+        raise AliasNotMovedError(model_name, version, alias, error) from error
+
+
 def register_model(
     uri: str,
     run_id: str,
@@ -180,21 +204,26 @@ def register_model(
     alias: str,
     val_ap: float,
     metadata: dict[str, Any],
+    run_tags: Mapping[str, str] | None = None,
 ) -> tuple[str, bool]:
     """Log the pyfunc model of ``artifact_paths`` (`pipelines/model_artifact.py` files) to ``run_id``, register
-    it under ``model_name`` and move ``alias`` to it when its val AP beats the aliased version's (see
-    :func:`update_alias`). Returns (version, aliased).
+    it under ``model_name``, tag the version with ``val_ap`` and the run with the version (and ``run_tags``),
+    then move ``alias`` to it when its val AP beats the aliased version's (see :func:`update_alias`). Returns
+    (version, whether the alias points at it).
 
     ``input_image`` (encoded bytes) becomes the model's input example; ``metadata`` goes into its MLmodel file.
+
+    Raises:
+        AliasNotMovedError: the version is registered and tagged, the alias step failed.
     """
     client = client_for(uri)
     with fluent_uris(uri), mlflow.start_run(run_id=run_id):
         info = log_pyfunc_model(artifact_paths, input_image, registered_model_name=model_name, metadata=metadata)
     version = str(info.registered_model_version)
     client.set_model_version_tag(model_name, version, AP_TAG, f"{val_ap:.6f}")
-    client.set_tag(run_id, REGISTERED_VERSION_TAG, version)
-    aliased = update_alias(client, model_name, alias, version, val_ap)
-    return version, aliased
+    for key, value in {REGISTERED_VERSION_TAG: version, **(run_tags or {})}.items():
+        client.set_tag(run_id, key, value)
+    return version, move_alias(client, model_name, alias, version, val_ap)
 
 
 def log_text_artifact(client: MlflowClient, run_id: str, text: str, artifact_file: str) -> None:

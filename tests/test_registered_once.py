@@ -3,6 +3,7 @@ what lets a rerun of a finished job, or `pipelines/register.py`, register a chec
 
 from __future__ import annotations
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.run_outcome import registered_version_of
@@ -45,3 +46,36 @@ def test_a_run_that_registered_nothing_has_no_version(tmp_path) -> None:
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = client.create_run(client.create_experiment("e")).info.run_id
     assert registered_version_of(client, run_id, CHECKPOINT, "m") is None
+
+
+def test_a_failed_alias_step_leaves_the_version_findable_and_a_retry_moves_only_the_alias(tmp_path) -> None:
+    """The version and checkpoint tags are set before the alias step: when it fails (here the champion's
+    val_AP tag is not a number), a rerun finds the version instead of registering the checkpoint again."""
+    from pipelines.serving import example_image
+    from pipelines.tags import AP_TAG
+    from pipelines.tracking import AliasNotMovedError, AliasUpdateError, move_alias, register_model
+    from tests.registry_helpers import tiny_model_files
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
+    paths, _ = tiny_model_files(tmp_path / "model")
+
+    def register(run_id: str, val_ap: float) -> tuple[str, bool]:
+        return register_model(uri, run_id, paths, example_image(), "m", "champion", val_ap, {"val_AP": val_ap},
+                              {REGISTERED_CHECKPOINT_TAG: CHECKPOINT})  # fmt: skip
+
+    first_run = client.create_run(experiment).info.run_id
+    assert register(first_run, 0.3) == ("1", True)
+    client.set_model_version_tag("m", "1", AP_TAG, "n/a")  # set by hand: nothing to compare against
+    run_id = client.create_run(experiment).info.run_id
+    with pytest.raises(AliasNotMovedError, match="m version 2 is registered, but @champion was not") as failed:
+        register(run_id, 0.5)
+    assert failed.value.version == "2" and isinstance(failed.value.cause, AliasUpdateError)
+    assert registered_version_of(client, run_id, CHECKPOINT, "m") == "2"
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "1"
+    client.set_model_version_tag("m", "1", AP_TAG, "0.3")  # the registry fixed: the retry moves only the alias
+    assert move_alias(client, "m", "champion", "2", 0.5)
+    assert move_alias(client, "m", "champion", "2", 0.5)  # already there: nothing to do, still True
+    assert str(client.get_model_version_by_alias("m", "champion").version) == "2"
+    assert len(client.search_model_versions("name='m'")) == 2

@@ -113,6 +113,20 @@ def test_trial_config_sets_the_knobs_and_keeps_the_dataset_class_count_open() ->
     assert "num_classes" not in trial.model.model_fields_set  # the dataset decides it (pipelines.training.resolve_data)
 
 
+def test_a_trial_registers_nothing_the_sweep_registers_its_best() -> None:
+    """Each trial closes its own run (tune/trial.py); registering there would add a version per finished trial
+    and move the alias to trials that are not the best. The best trial's config still says what the sweep
+    does at its end (tracking.register_model as given)."""
+    from tune.trial import trial_job_config
+
+    cfg = _sweep_config([])
+    params = {ALIGN_PATH: 0.25, SPLIT_PATH: 2}
+    assert cfg.tracking.register_model
+    trial = trial_job_config(cfg.job_config_dict(), params, "s-1")
+    assert not trial.tracking.register_model and trial.loss.align_loss_weight == 0.25
+    assert build_trial_config(cfg.job_config_dict(), params, "s-1").tracking.register_model
+
+
 def test_rows_table_heatmap_and_best_config(tmp_path) -> None:
     keys = _sweep_config([]).search_keys()
 

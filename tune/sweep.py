@@ -135,9 +135,10 @@ def run_sweep(cfg: SweepConfig) -> SweepOutcome:
         best = outcome.best
         outcome.best_run_id = run_ids[best.trial_id]
         trial_cfg = build_trial_config(job, best.params, best.run_name)
-        outcome.registered_version, outcome.aliased = register_best_trial(
-            trial_cfg, outcome.best_run_id, uri, experiment_id
-        )
+        if trial_cfg.tracking.register_model:  # the only registration of a sweep (trials register nothing)
+            outcome.registered_version, outcome.aliased = register_best_trial(
+                trial_cfg, outcome.best_run_id, uri, experiment_id
+            )
         path = cfg.best_config_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(best_config_yaml(given, best.params, resolved.model.num_classes))

@@ -17,6 +17,7 @@ import ray.tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from pipelines.cli import configure_logging
+from pipelines.config import TrainJobConfig
 from pipelines.run_outcome import finish_run, fit_or_fail
 from pipelines.run_setup import prepare_run
 from pipelines.tags import TRIAL_ID_TAG
@@ -61,6 +62,13 @@ def trial_run_name(sweep_name: str, trial_id: str, params: dict[str, Any], keys:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", f"{sweep_name}-{trial_id}{values}")
 
 
+def trial_job_config(job: dict[str, Any], params: dict[str, Any], run_name: str) -> TrainJobConfig:
+    """The config a trial trains with: :func:`tune.config.build_trial_config`, registering nothing. The sweep
+    registers its best trial's model at the end (`tune/sweep.py`), so the alias never moves to another trial."""
+    cfg = build_trial_config(job, params, run_name)
+    return cfg.model_copy(update={"tracking": cfg.tracking.model_copy(update={"register_model": False})})
+
+
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     """Tune function trainable: fit the trial's TorchTrainer, resuming its Train run and MLflow child run when
     they exist (a restored sweep), and close the child run when training ends.
@@ -70,7 +78,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     configure_logging()  # in the trial's actor: its stdout reaches the driver through Ray
     trial_id = ray.tune.get_context().get_trial_id()
     run_name = trial_run_name(setup.sweep_name, trial_id, params, setup.search_keys)
-    cfg = build_trial_config(setup.job, params, run_name)
+    cfg = trial_job_config(setup.job, params, run_name)
     prepared = prepare_run(cfg, run_name=run_name, parent_run_id=setup.parent_run_id)
     client_for(prepared.tracking_uri).set_tag(prepared.run_id, TRIAL_ID_TAG, trial_id)
     logger.info("[trial %s] %s -> MLflow run %s (%s)", trial_id, params, prepared.run_id, run_name)
