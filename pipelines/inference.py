@@ -125,9 +125,12 @@ class Predictor:
         self.label_to_category_id = torch.tensor(loaded.category_ids, dtype=torch.int64)
         self.top_k = top_k
 
-    def __call__(self, encoded_images: Sequence[bytes]) -> list[dict[str, torch.Tensor] | None]:
-        """Detections (``scores``, ``labels`` = category ids, ``boxes`` xyxy original pixels) per image;
-        None for bytes that do not decode."""
+    def __call__(
+        self, encoded_images: Sequence[bytes], top_k: int | None = None
+    ) -> list[dict[str, torch.Tensor] | None]:
+        """Detections (``scores``, ``labels`` = category ids, ``boxes`` xyxy original pixels) per image, at most
+        ``top_k`` each (None: the predictor's); None for bytes that do not decode. Changes no state: threads
+        may share a predictor."""
         samples, positions = [], []
         for position, data in enumerate(encoded_images):
             try:
@@ -148,7 +151,7 @@ class Predictor:
             batch = pad_and_collate(samples).to(self.device)
             orig_sizes = torch.stack([t["orig_size"] for t in batch.targets])
             detections = predict(self.model, batch.images, batch.padding_mask, orig_sizes, self.label_to_category_id,
-                                 self.top_k)  # fmt: skip
+                                 self.top_k if top_k is None else top_k)  # fmt: skip
             for position, detection in zip(positions, detections, strict=True):
                 results[position] = {k: v.cpu() for k, v in detection.items()}
         return results

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sd_detr.backbone_weights import without_backbone_weights
 from sd_detr.config import DetectorConfig, with_saved_config_defaults
 from sd_detr.data.config import AugmentationConfig
 from sd_detr.data.meta import load_meta
@@ -147,7 +148,9 @@ def read_model_files(paths: Mapping[str, str | Path]) -> LoadedModel:
         state = load_file(str(paths[WEIGHTS]), device="cpu")
     except (SafetensorError, OSError) as error:
         raise ModelArtifactError(f"unreadable weights {paths[WEIGHTS]}: {error}") from error
-    model = build_detector(config.model)
+    # the weights file holds the whole trained model: a backbone weights_path in the JSON (a file on some
+    # other machine, or any file a registrant names) is never opened
+    model = build_detector(without_backbone_weights(config.model))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -100,8 +101,15 @@ def predict_with_ray(cfg: PredictConfig, files: list[Path]) -> list[dict | None]
     return [None if d is None else {k: torch.tensor(v) for k, v in d.items()} for d in decoded]
 
 
-def draw(path: Path, detection: dict, loaded: LoadedModel, threshold: float, folder: Path) -> None:
-    """Save ``folder/<stem>.png`` with the detections above ``threshold`` drawn (on the pixels the model saw)."""
+def drawing_names(files: list[Path]) -> list[str]:
+    """The drawing's file name per image: ``<stem>.png``, or ``<stem>_<index>.png`` (index in ``files``) for
+    every image whose stem another image shares (``a/x.jpg`` and ``b/x.jpg``, ``x.jpg`` and ``x.png``)."""
+    stems = Counter(path.stem for path in files)
+    return [f"{p.stem}.png" if stems[p.stem] == 1 else f"{p.stem}_{index}.png" for index, p in enumerate(files)]
+
+
+def draw(path: Path, detection: dict, loaded: LoadedModel, threshold: float, out_file: Path) -> None:
+    """Save ``out_file`` (PNG) with the detections above ``threshold`` drawn (on the pixels the model saw)."""
     pixels, _ = decode_image(path.read_bytes())
     image = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
     keep = detection["scores"] >= max(threshold, 1e-9)
@@ -110,11 +118,8 @@ def draw(path: Path, detection: dict, loaded: LoadedModel, threshold: float, fol
         f"{names.get(int(c), c)} {s:.2f}"
         for c, s in zip(detection["labels"][keep], detection["scores"][keep], strict=True)
     ]
-    folder.mkdir(parents=True, exist_ok=True)
-    write_png(
-        draw_boxes(image, detection["boxes"][keep], labels=labels, colors="red"),
-        str(folder / f"{path.stem}.png"),
-    )
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    write_png(draw_boxes(image, detection["boxes"][keep], labels=labels, colors="red"), str(out_file))
 
 
 def run(cfg: PredictConfig) -> list[dict]:
@@ -139,9 +144,9 @@ def run(cfg: PredictConfig) -> list[dict]:
     if unreadable:
         logger.warning("skipped %d unreadable images: %s", len(unreadable), unreadable[:10])
     if cfg.draw is not None:
-        for path, detection in zip(files, detections, strict=True):
+        for path, detection, name in zip(files, detections, drawing_names(files), strict=True):
             if detection is not None:
-                draw(path, detection, loaded, cfg.score_threshold, cfg.draw)
+                draw(path, detection, loaded, cfg.score_threshold, cfg.draw / name)
     return results
 
 

@@ -8,9 +8,12 @@ JSON (`pipelines/model_artifact.py`). Nothing in it is pickled, so it loads with
 Input of ``predict`` (a pandas DataFrame, one row per image; over HTTP: ``{"dataframe_split": ...}``):
 
     image   binary, optional   the encoded file (JPEG, PNG, ...); over HTTP a base64 string
-    path    string, optional   a file readable by the process that runs the model (local or batch use)
+    path    string, optional   a file under the folder that ``SD_DETR_INPUT_ROOT`` names in the process that
+                               runs the model (local or batch use); refused when that variable is not set, so
+                               a served model reads no file a client names
 
-Each row gives exactly one of the two. Params (optional): ``score_threshold`` (double, default 0.0: keep
+Each row gives exactly one of the two; at most :data:`MAX_ROWS` rows and :data:`MAX_INPUT_BYTES` of images a
+call, each image at most :data:`MAX_IMAGE_BYTES`. Params (optional): ``score_threshold`` (double, default 0.0: keep
 detections at or above it) and ``top_k`` (long, default 100: detections per image before the threshold).
 
 Output: a DataFrame, one row per detection, images in input order, scores descending within an image:
@@ -22,7 +25,8 @@ Output: a DataFrame, one row per detection, images in input order, scores descen
     score           double   in [0, 1]
     bbox            [double] COCO ``[x, y, width, height]`` in pixels of the original image
 
-A row whose bytes are not a decodable image, or whose path is missing, fails the whole call with an
+A row whose bytes are not a decodable image, whose path is refused or missing, or a call over the limits fails
+the whole call with an
 ``INVALID_PARAMETER_VALUE`` error that names the rows (HTTP 400 from ``mlflow models serve``).
 """
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 import importlib.metadata
 import io
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -61,6 +66,14 @@ OUTPUT_COLUMNS = ["image_index", "file_name", "category_id", "category_name", "s
 DEFAULT_TOP_K = 100
 PREDICT_CHUNK = 8
 """Images per forward pass inside one ``predict`` call."""
+MAX_ROWS = 256
+"""Images per ``predict`` call (one HTTP request): a served model's thread cannot be stopped once started."""
+MAX_IMAGE_BYTES = 32 * 1024**2
+"""Encoded bytes of one image (a 50-megapixel JPEG is about 20 MiB)."""
+MAX_INPUT_BYTES = 256 * 1024**2
+"""Encoded bytes of all images of one call."""
+INPUT_ROOT_ENV = "SD_DETR_INPUT_ROOT"
+"""The folder whose files ``path`` rows may name; unset (the default): ``path`` rows are refused."""
 _REQUIREMENTS = ("torch", "torchvision", "safetensors", "pillow", "numpy", "pandas", "pydantic", "mlflow")
 
 SIGNATURE = ModelSignature(
@@ -94,12 +107,35 @@ def _is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value))
 
 
-def read_inputs(frame: pd.DataFrame) -> tuple[list[bytes], list[str]]:
-    """(encoded bytes, file name) per row of an input frame (see the module docstring).
+def _read_path(path: str, root: Path | None) -> bytes:
+    """The bytes of ``path`` if it is a regular file inside ``root`` (symbolic links resolved) of at most
+    :data:`MAX_IMAGE_BYTES`; raises ``ValueError`` saying why not."""
+    if root is None:
+        raise ValueError(f"'{PATH_COLUMN}' inputs are off: set {INPUT_ROOT_ENV} to the folder they may read from")
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(root):
+        raise ValueError(f"{path!r} is outside {INPUT_ROOT_ENV} ({root})")
+    if not resolved.is_file():
+        raise ValueError(f"{path!r} is not a file")
+    if resolved.stat().st_size > MAX_IMAGE_BYTES:
+        raise ValueError(f"{path!r} is larger than {MAX_IMAGE_BYTES} bytes")
+    return resolved.read_bytes()
+
+
+def input_root() -> Path | None:
+    """The resolved folder of :data:`INPUT_ROOT_ENV`, or None when it is unset or empty."""
+    value = os.environ.get(INPUT_ROOT_ENV, "").strip()
+    return Path(value).resolve() if value else None
+
+
+def read_inputs(frame: pd.DataFrame, root: Path | None = None) -> tuple[list[bytes], list[str]]:
+    """(encoded bytes, file name) per row of an input frame (see the module docstring); ``path`` rows are read
+    only inside ``root`` (None: refused).
 
     Raises:
-        MlflowException (INVALID_PARAMETER_VALUE): unknown columns, a row with neither or both of
-        ``image``/``path``, a path that is not a readable file.
+        MlflowException (INVALID_PARAMETER_VALUE): unknown columns, more than :data:`MAX_ROWS` rows, a row with
+        neither or both of ``image``/``path``, a refused or unreadable path, an image over
+        :data:`MAX_IMAGE_BYTES`, all images over :data:`MAX_INPUT_BYTES`.
     """
     if not isinstance(frame, pd.DataFrame):
         raise _bad_input(
@@ -108,6 +144,8 @@ def read_inputs(frame: pd.DataFrame) -> tuple[list[bytes], list[str]]:
     unknown = sorted(set(map(str, frame.columns)) - {IMAGE_COLUMN, PATH_COLUMN})
     if unknown or not len(frame.columns):
         raise _bad_input(f"input columns must be '{IMAGE_COLUMN}' and/or '{PATH_COLUMN}', got {list(frame.columns)}")
+    if len(frame) > MAX_ROWS:
+        raise _bad_input(f"{len(frame)} rows: at most {MAX_ROWS} images a call (split the input)")
     images = frame[IMAGE_COLUMN].tolist() if IMAGE_COLUMN in frame else [None] * len(frame)
     paths = frame[PATH_COLUMN].tolist() if PATH_COLUMN in frame else [None] * len(frame)
     encoded, names, problems = [], [], []
@@ -119,13 +157,20 @@ def read_inputs(frame: pd.DataFrame) -> tuple[list[bytes], list[str]]:
         elif has_image:
             if not isinstance(image, (bytes, bytearray)):
                 problems.append(f"row {row}: '{IMAGE_COLUMN}' must be bytes (base64 over HTTP), got {type(image)}")
+            elif len(image) > MAX_IMAGE_BYTES:
+                problems.append(f"row {row}: {len(image)} bytes, more than {MAX_IMAGE_BYTES} for one image")
             encoded.append(bytes(image) if isinstance(image, (bytes, bytearray)) else b"")
         else:
             try:
-                encoded.append(Path(str(path)).read_bytes())
+                encoded.append(_read_path(str(path), root))
+            except ValueError as error:
+                problems.append(f"row {row}: {error}")
+                encoded.append(b"")
             except OSError as error:
                 problems.append(f"row {row}: cannot read {path!r} ({error.strerror or error})")
                 encoded.append(b"")
+        if sum(map(len, encoded)) > MAX_INPUT_BYTES:
+            raise _bad_input(f"more than {MAX_INPUT_BYTES} bytes of images by row {row}: split the input")
         names.append(Path(str(path)).name if has_path and not has_image else "")
     if problems:
         raise _bad_input("; ".join(problems[:20]) + (f" (and {len(problems) - 20} more)" if len(problems) > 20 else ""))
@@ -163,11 +208,13 @@ class SdDetrPyfuncModel(PythonModel):
     def __init__(self) -> None:
         self.loaded: LoadedModel | None = None
         self.predictor: Predictor | None = None
+        self.input_root: Path | None = None
 
     def load_context(self, context: PythonModelContext) -> None:
         self.loaded = read_model_files(context.artifacts)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.predictor = Predictor(self.loaded, device=device, top_k=DEFAULT_TOP_K)
+        self.input_root = input_root()
         logger.info("SD-DETR pyfunc model loaded on %s (%d categories)", device, len(self.loaded.category_ids))
 
     def predict(
@@ -180,11 +227,10 @@ class SdDetrPyfuncModel(PythonModel):
         top_k = int(params.get("top_k", DEFAULT_TOP_K))
         if not 0.0 <= threshold <= 1.0 or top_k <= 0:
             raise _bad_input(f"score_threshold must lie in [0, 1] and top_k be positive, got {threshold}, {top_k}")
-        encoded, names = read_inputs(model_input)
-        self.predictor.top_k = top_k
+        encoded, names = read_inputs(model_input, self.input_root)
         detections: list[dict[str, torch.Tensor] | None] = []
-        for start in range(0, len(encoded), PREDICT_CHUNK):
-            detections.extend(self.predictor(encoded[start : start + PREDICT_CHUNK]))
+        for start in range(0, len(encoded), PREDICT_CHUNK):  # top_k per call: requests run in parallel threads
+            detections.extend(self.predictor(encoded[start : start + PREDICT_CHUNK], top_k=top_k))
         unreadable = [row for row, detection in enumerate(detections) if detection is None]
         if unreadable:
             raise _bad_input(f"rows {unreadable[:20]} are not decodable images (JPEG, PNG, BMP, WebP, ...)")

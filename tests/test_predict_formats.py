@@ -109,3 +109,10 @@ def test_drawing_no_box_returns_the_image_without_a_warning(recwarn: pytest.Warn
     drawn = draw_boxes(pixels, torch.tensor([[2.0, 3.0, 12.0, 15.0]]), colors="red", width=1)
     assert drawn.shape == pixels.shape and not torch.equal(drawn, pixels)
     assert not [w for w in recwarn if "box" in str(w.message)]
+
+
+def test_drawings_of_images_that_share_a_stem_do_not_overwrite_each_other() -> None:
+    from pipelines.predict import drawing_names
+
+    files = [Path("a/x.jpg"), Path("b/x.jpg"), Path("x.png"), Path("y.jpg")]
+    assert drawing_names(files) == ["x_0.png", "x_1.png", "x_2.png", "y.png"]

@@ -12,11 +12,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pandas as pd
@@ -29,9 +32,17 @@ from mlflow.tracking import MlflowClient
 from pipelines.inference import Predictor, list_images, load_model, load_registered_model
 from pipelines.mlflow_uris import fluent_uris
 from pipelines.model_artifact import FILE_NAMES, ModelArtifactError, read_model_files
-from pipelines.serving import example_image, read_inputs
+from pipelines.serving import (
+    INPUT_ROOT_ENV,
+    MAX_IMAGE_BYTES,
+    MAX_ROWS,
+    PREDICT_CHUNK,
+    SdDetrPyfuncModel,
+    example_image,
+    read_inputs,
+)
 from pipelines.tags import AP_TAG
-from pipelines.tracking import AliasUpdateError, update_alias
+from pipelines.tracking import AliasNotMovedError, AliasUpdateError, update_alias
 from sd_detr.box_ops import xyxy_to_xywh
 from sd_detr.config import DetectorConfig
 from sd_detr.data.meta import load_meta
@@ -114,6 +125,21 @@ def test_model_files_saved_before_a_config_field_existed_load_as_they_were_train
     assert [row[3] for row in new_rows] != [row[3] for row in old_rows]  # the proposal side reaches the boxes
 
 
+def test_a_backbone_weights_path_in_the_model_config_is_never_opened(tmp_path: Path) -> None:
+    """The safetensors file holds the whole trained model: a ``weights_path`` in its JSON config (from the
+    training machine, or any file a registrant names) is not read when the model loads."""
+    paths, loaded = tiny_model_files(tmp_path / "model")
+    config_file = Path(paths["detector_config"])
+    saved = json.loads(config_file.read_text())
+    not_weights = tmp_path / "not-weights.pth"
+    not_weights.write_text("a file the loader must not open")
+    saved["model"]["backbone"].update(weights_path=str(not_weights), pretrained=True)
+    config_file.write_text(json.dumps(saved))
+    again = read_model_files(paths)
+    for name, tensor in loaded.model.state_dict().items():
+        assert torch.equal(again.model.state_dict()[name], tensor), name
+
+
 def test_weights_that_do_not_fit_the_config_are_a_clear_error(tmp_path: Path) -> None:
     paths, _ = tiny_model_files(tmp_path / "a")
     other, _ = tiny_model_files(tmp_path / "b", categories=[(1, "a"), (2, "b")])
@@ -128,16 +154,57 @@ def test_weights_that_do_not_fit_the_config_are_a_clear_error(tmp_path: Path) ->
 def test_pyfunc_input_rows_are_validated(tmp_path: Path) -> None:
     image = example_image()
     (tmp_path / "a.png").write_bytes(image)
-    encoded, names = read_inputs(pd.DataFrame({"image": [image, None], "path": [None, str(tmp_path / "a.png")]}))
+    frame = pd.DataFrame({"image": [image, None], "path": [None, str(tmp_path / "a.png")]})
+    encoded, names = read_inputs(frame, root=tmp_path.resolve())
     assert encoded == [image, image] and names == ["", "a.png"]
     for frame, message in [
         (pd.DataFrame({"image": [image], "path": [str(tmp_path / "a.png")]}), "exactly one"),
-        (pd.DataFrame({"path": [str(tmp_path / "missing.png")]}), "cannot read"),
+        (pd.DataFrame({"path": [str(tmp_path / "missing.png")]}), "is not a file"),
         (pd.DataFrame({"url": ["http://example.com/a.png"]}), "input columns must be"),
+        (pd.DataFrame({"image": [image] * (MAX_ROWS + 1)}), f"at most {MAX_ROWS} images a call"),
+        (pd.DataFrame({"image": [b"0" * (MAX_IMAGE_BYTES + 1)]}), "more than .* for one image"),
     ]:
         with pytest.raises(MlflowException, match=message) as error:
-            read_inputs(frame)
+            read_inputs(frame, root=tmp_path.resolve())
         assert error.value.get_http_status_code() == 400
+
+
+def test_path_rows_read_only_inside_the_input_root(tmp_path: Path) -> None:
+    """A served model reads no file a client names: ``path`` rows are off unless SD_DETR_INPUT_ROOT names a
+    folder, and then only regular files inside it (symbolic links resolved)."""
+    root = tmp_path / "inputs"
+    root.mkdir()
+    (root / "a.png").write_bytes(example_image())
+    (tmp_path / "secret.txt").write_text("not for clients")
+    (root / "link.png").symlink_to(tmp_path / "secret.txt")
+    inside = pd.DataFrame({"path": [str(root / "a.png")]})
+    with pytest.raises(MlflowException, match=f"'path' inputs are off: set {INPUT_ROOT_ENV}"):
+        read_inputs(inside)
+    assert read_inputs(inside, root=root.resolve())[1] == ["a.png"]
+    for path in (tmp_path / "secret.txt", root / ".." / "secret.txt", root / "link.png", Path("/etc/hostname")):
+        with pytest.raises(MlflowException, match="is outside"):
+            read_inputs(pd.DataFrame({"path": [str(path)]}), root=root.resolve())
+    with pytest.raises(MlflowException, match="is not a file"):
+        read_inputs(pd.DataFrame({"path": [str(root)]}), root=root.resolve())
+
+
+def test_concurrent_calls_keep_their_own_top_k(tmp_path: Path) -> None:
+    """`mlflow models serve` runs requests in parallel threads on one model: ``top_k`` is a per-call argument,
+    never state shared between calls."""
+    paths, _ = tiny_model_files(tmp_path / "model")
+    model = SdDetrPyfuncModel()
+    model.load_context(SimpleNamespace(artifacts=paths))
+    frame = pd.DataFrame({"image": [example_image(96, 64), example_image(50, 80)] * (PREDICT_CHUNK + 1)})
+    start = threading.Barrier(2)
+
+    def call(top_k: int) -> pd.DataFrame:
+        start.wait()
+        return model.predict(None, frame, {"top_k": top_k})
+
+    with ThreadPoolExecutor(2) as pool:
+        few, many = pool.map(call, [2, 50])
+    assert few.groupby("image_index").size().max() == 2 and few["image_index"].nunique() == len(frame)
+    assert many.groupby("image_index").size().min() > 2
 
 
 # --- registered through a real server, loaded without pickle ------------------------------------------------
@@ -344,8 +411,9 @@ def test_unreadable_champion_tag_keeps_the_alias(mlflow_server: str, tmp_path: P
     client = MlflowClient(mlflow_server)
     register_tiny_model(mlflow_server, name, 0.30, tmp_path / "1")
     client.set_model_version_tag(name, "1", AP_TAG, "n/a")  # e.g. edited by hand in the UI
-    with pytest.raises(AliasUpdateError, match=r"version 1, whose val_AP tag is 'n/a'"):
+    with pytest.raises(AliasNotMovedError, match=r"version 1, whose val_AP tag is 'n/a'") as failed:
         register_tiny_model(mlflow_server, name, 0.90, tmp_path / "2")
+    assert failed.value.version == "2" and isinstance(failed.value.cause, AliasUpdateError)
     assert client.get_model_version_by_alias(name, "champion").version == "1"
     assert client.get_model_version(name, "2").tags[AP_TAG] == "0.900000"  # registered, only the alias stayed
 
