@@ -1,5 +1,5 @@
-r"""What DDP's gradient all-reduce costs the main job's step on CPU: the same training steps in ``--workers``
-processes (one thread each, gloo), once as independent replicas and once wrapped in DDP, in the same run.
+r"""What DDP's gradient all-reduce costs the main job's step on CPU: the same training steps in
+``scaling.num_workers`` processes (one thread each, gloo), once as independent replicas and once wrapped in DDP, in the same run.
 
     .venv/bin/python benchmarks/ddp_overhead.py                                   # configs/default.yaml, batch 2
     .venv/bin/python benchmarks/ddp_overhead.py --set data.loader.batch_size=4

@@ -2,7 +2,7 @@
 
 When Tune stops a trial (ASHA, Ctrl+C) it kills the trial actor, and with it the Ray Train controller, which
 cannot release its workers' placement group. Ray Train 2.60 then relies on a detached cleaner actor that
-watches the controller through the State API (Ray issue #54305): ``pipelines.training.ensure_ray`` makes sure the
+watches the controller through the State API (Ray issue #54305): ``pipelines.ray_cluster.ensure_ray`` makes sure the
 cleaner finds the right cluster, and ``release_orphaned_placement_groups`` frees what the cleaner misses (a
 controller killed while it was starting its workers registers no group with the cleaner). Either way a
 group left behind keeps its CPUs/GPUs reserved and the next trial would wait for them forever.
