@@ -77,7 +77,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--d-model", type=int, default=128)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--ffn-dim", type=int, default=None, help="default 8 * d_model (the paper's 2048 / 256)")
-    parser.add_argument("--layers", type=int, default=3, help="encoder layers = decoder layers")
+    parser.add_argument(
+        "--layers", type=int, default=3,
+        help="encoder layers = decoder layers, at least 2 (with one, HF keeps a query-scale MLP that ours, like its "
+             "first layer, has no use for: not the same model)",
+    )  # fmt: skip
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--classes", type=int, default=80)
     parser.add_argument("--objects", type=int, default=6, help="ground-truth boxes per image")
@@ -95,7 +99,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--estimate-epochs", type=int, default=50, help="epochs of the schedule estimate (--scope full)"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.layers < 2:
+        parser.error("--layers must be at least 2")
+    return args
 
 
 # ---- measurement ----------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from tests.pipeline_helpers import REPO
 def test_full_scope_train_only_prints_images_per_second_and_the_coco_estimate() -> None:
     command = [
         sys.executable, "benchmarks/step_speed.py", "--scope", "full", "--train-only", "--without-ablation",
-        "--batch", "2", "--image-size", "192", "--backbone", "resnet18", "--d-model", "32", "--layers", "1",
+        "--batch", "2", "--image-size", "192", "--backbone", "resnet18", "--d-model", "32", "--layers", "2",
         "--queries", "10", "--classes", "5", "--repeats", "1", "--warmup", "1", "--threads", "1",
         "--estimate-gpus", "4", "--estimate-epochs", "10",
     ]  # fmt: skip
