@@ -31,7 +31,6 @@ from pipelines.run_outcome import register_checkpoint_dir, registered_version_of
 from pipelines.run_setup import TRACKING_FILE, PreparedRun
 from pipelines.tracking import (
     AliasNotMovedError,
-    AliasUpdateError,
     TrackingUnavailableError,
     check_reachable,
     client_for,
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except AliasNotMovedError as error:
-        if isinstance(error.cause, AliasUpdateError):  # the registry needs a hand, not a retry
+        if error.needs_hand:
             fail(f"{error}; once fixed, rerun this command", code=FAILED_MIDWAY_EXIT_CODE)
         fail(f"MLflow at {uri} failed midway ({error}); rerun this command (the version is not registered twice)",
              code=FAILED_MIDWAY_EXIT_CODE)  # fmt: skip

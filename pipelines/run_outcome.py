@@ -7,6 +7,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import ray.train
 from mlflow.exceptions import MlflowException
@@ -19,7 +20,7 @@ from pipelines.metrics_outbox import RunStorage, TrackingOutbox, bound_http_retr
 from pipelines.model_artifact import write_checkpoint_model_files
 from pipelines.run_setup import PreparedRun
 from pipelines.tags import REGISTERED_CHECKPOINT_TAG, REGISTERED_VERSION_TAG
-from pipelines.tracking import AliasNotMovedError, AliasUpdateError, client_for, move_alias, register_model
+from pipelines.tracking import AliasNotMovedError, client_for, move_alias, register_model
 from sd_detr.names import BEST_VAL_AP, VAL_AP
 
 logger = logging.getLogger(__name__)
@@ -90,32 +91,34 @@ def failure_message(cfg: TrainJobConfig, run_id: str, error: BaseException) -> s
     )
 
 
-def fail_run(prepared: PreparedRun, error: BaseException) -> None:
-    """Send what the outbox holds (briefly), mark the MLflow run FAILED and raise :class:`TrainingFailed`."""
+def open_outbox(prepared: PreparedRun) -> tuple[MlflowClient, TrackingOutbox]:
+    """The driver's MLflow client (HTTP retries bounded) and the run's outbox of what the workers could not log."""
     cfg = prepared.config
+    client = client_for(prepared.tracking_uri)
+    bound_http_retries()
+    storage = RunStorage(cfg.training.storage_path, cfg.training.run_name)
+    return client, TrackingOutbox.open(client, prepared.run_id, storage)
+
+
+def fail_run(prepared: PreparedRun, error: BaseException) -> NoReturn:
+    """Send what the outbox holds (briefly), mark the MLflow run FAILED and raise :class:`TrainingFailed`."""
     try:
-        client = client_for(prepared.tracking_uri)
-        bound_http_retries()
-        outbox = TrackingOutbox.open(
-            client, prepared.run_id, RunStorage(cfg.training.storage_path, cfg.training.run_name)
-        )
+        client, outbox = open_outbox(prepared)
         outbox.flush(FINAL_FLUSH_DELAYS_S[:2])
         client.set_terminated(prepared.run_id, status="FAILED")
     except Exception as tracking_error:  # the training error is the one to report
         logger.warning("could not mark MLflow run %s FAILED: %s", prepared.run_id, tracking_error)
-    raise TrainingFailed(failure_message(cfg, prepared.run_id, error)) from error
+    raise TrainingFailed(failure_message(prepared.config, prepared.run_id, error)) from error
 
 
 def fit_or_fail(prepared: PreparedRun, trainer: TorchTrainer) -> ray.train.Result:
-    """``trainer.fit()``; when training fails (Ray Train raises :class:`ray.train.TrainingFailedError`, or
-    returns a result with an error), :func:`fail_run`."""
+    """``trainer.fit()``; when Ray Train raises :class:`ray.train.TrainingFailedError` (2.60 does once the
+    worker group's restarts are spent), :func:`fail_run`. A result that carries an error instead is
+    :func:`finish_run`'s to fail."""
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except ray.train.TrainingFailedError as error:
         fail_run(prepared, error)
-    if result.error is not None:
-        fail_run(prepared, result.error)
-    return result
 
 
 def select_best_checkpoint(result: ray.train.Result) -> tuple[ray.train.Checkpoint | None, dict]:
@@ -186,9 +189,8 @@ def finish_run(prepared: PreparedRun, result: ray.train.Result) -> TrainingOutco
     """
     if result.error is not None:
         fail_run(prepared, result.error)
-    cfg, client = prepared.config, client_for(prepared.tracking_uri)
-    bound_http_retries()
-    outbox = TrackingOutbox.open(client, prepared.run_id, RunStorage(cfg.training.storage_path, cfg.training.run_name))
+    cfg = prepared.config
+    client, outbox = open_outbox(prepared)
     best_checkpoint, best_metrics = select_best_checkpoint(result)
     returned = result.return_value or {}
     outcome = TrainingOutcome(
@@ -228,7 +230,7 @@ def finish_run(prepared: PreparedRun, result: ray.train.Result) -> TrainingOutco
         command = f"python pipelines/register.py --checkpoint {outcome.checkpoint_path}"
         if not register:
             command += " --no-register"
-        if isinstance(error, AliasNotMovedError) and isinstance(error.cause, AliasUpdateError):
+        if isinstance(error, AliasNotMovedError) and error.needs_hand:
             problem, retry = f"its alias could not be moved safely: {error.cause}", "once fixed, run"
         else:
             problem = (

@@ -186,6 +186,12 @@ class AliasNotMovedError(RuntimeError):
         )
         self.version, self.cause = version, cause
 
+    @property
+    def needs_hand(self) -> bool:
+        """True when the registry itself must be fixed first (the holder's AP unreadable, the alias moved
+        concurrently: :class:`AliasUpdateError`); False when MLflow failed and a plain retry may do."""
+        return isinstance(self.cause, AliasUpdateError)
+
 
 def move_alias(client: MlflowClient, model_name: str, alias: str, version: str, val_ap: float) -> bool:
     """:func:`update_alias` for a registered ``version``; any failure is raised as :class:`AliasNotMovedError`."""
