@@ -12,7 +12,7 @@ one rank, so training-time evaluation and `evaluate.py` score identical detectio
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +23,7 @@ from pycocotools.coco import COCO
 
 from pipelines.ddp import all_gather, gather_to_rank0, rank_and_world
 from sd_detr.data.collate import DetectionBatch
+from sd_detr.data.config import IMAGENET_MEAN, IMAGENET_STD
 from sd_detr.data.meta import load_ground_truth
 from sd_detr.diagnostics import attention_figures, score_iou_alignment, targets_to_pixel_xyxy
 from sd_detr.engine import predict
@@ -110,6 +111,7 @@ def predict_share(
     amp_dtype: torch.dtype | None,
     keep_images: int = 0,
     attention: bool = False,
+    normalization: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD),
 ) -> SharePredictions:
     """Detections of every image in ``batches`` (this rank's share), on this process alone.
 
@@ -119,6 +121,7 @@ def predict_share(
         label_to_category_id: int64 [C] contiguous label -> COCO category id.
         keep_images: keep the first this many images with target and detection (for drawing).
         attention: also draw the decoder attention maps of the first ``keep_images`` images of the first batch.
+        normalization: the (mean, std) the images were normalized with (the data config's), for drawing them.
     """
     share = SharePredictions()
     started = time.perf_counter()
@@ -136,7 +139,10 @@ def predict_share(
             share.images.append(ImageDetections.from_tensors(int(target["image_id"]), detection, truth))
         if attention and keep_images and not share.attention:
             count = min(keep_images, len(batch))
-            figures = attention_figures(model, on_device.images[:count], on_device.padding_mask[:count])
+            mean, std = normalization
+            figures = attention_figures(
+                model, on_device.images[:count], on_device.padding_mask[:count], mean=mean, std=std
+            )
             share.attention = [(int(t["image_id"]), f) for t, f in zip(batch.targets[:count], figures, strict=True)]
         for index in range(min(len(batch), keep_images - len(share.kept))):
             height, width = (int(v) for v in batch.targets[index]["size"].tolist())
@@ -166,6 +172,7 @@ def evaluate(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     keep_images: int = 0,
+    normalization: tuple[Sequence[float], Sequence[float]] = (IMAGENET_MEAN, IMAGENET_STD),
 ) -> Evaluation | None:
     """Evaluate over all ranks; a collective, so every rank must call it once per evaluation.
 
@@ -180,7 +187,9 @@ def evaluate(
     """
     started = time.perf_counter()
     rank, _ = rank_and_world()
-    share = predict_share(model, batches, label_to_category_id, device, amp_dtype, keep_images, attention=rank == 0)
+    share = predict_share(
+        model, batches, label_to_category_id, device, amp_dtype, keep_images, rank == 0, normalization
+    )
     counts = all_gather(len(share.images))
     wanted = max(0, keep_images - sum(counts[:rank]))  # images the ranks before this one cannot fill
     payload = SharePredictions(share.images, share.corrupt, share.seconds, share.kept[:wanted])

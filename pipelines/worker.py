@@ -254,7 +254,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
         val_batches = iter_detection_batches(val_share, cfg.data.loader, cfg.data.augmentation)
         evaluation = evaluate(
             unwrap(model), val_batches, ground_truth, label_to_category_id, device, amp_dtype,
-            cfg.training.num_prediction_images,
+            cfg.training.num_prediction_images, (cfg.data.augmentation.mean, cfg.data.augmentation.std),
         )  # fmt: skip
         payload: list[Any] = [None]
         checkpoint_dir = None

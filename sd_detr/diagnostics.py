@@ -229,6 +229,22 @@ def unnormalize_image(
     return (image.detach().float().cpu() * std_t + mean_t).clamp(0, 1)
 
 
+def attention_on_pixels(maps: Tensor, valid_size: tuple[int, int], stride: int | tuple[int, int]) -> Tensor:
+    """Feature-grid weights [K, h, w] -> [K, valid_h, valid_w] float on the image's pixels (CPU).
+
+    ``stride`` (int): pixels per cell, cell (i, j) covering [i s, (i + 1) s) x [j s, (j + 1) s) as the
+    backbone's features do, whatever padding the batch added; a (H, W) pair instead: the grid spans exactly
+    H x W pixels. Upsampled bilinearly, then cropped to the top-left ``valid_size``.
+    """
+    grid_h, grid_w = maps.shape[-2:]
+    size = (grid_h * stride, grid_w * stride) if isinstance(stride, int) else stride
+    valid_h, valid_w = valid_size
+    if size[0] < valid_h or size[1] < valid_w:
+        raise ValueError(f"a {grid_h} x {grid_w} grid spanning {size} px does not cover {valid_h} x {valid_w} px")
+    upsampled = F.interpolate(maps.detach().float().cpu()[:, None], size=size, mode="bilinear")
+    return upsampled[:, 0, :valid_h, :valid_w]
+
+
 def render_attention_maps(
     image: Tensor,
     maps_by_stream: Mapping[str, Tensor],
@@ -239,15 +255,19 @@ def render_attention_maps(
     label_names: Mapping[int, str] | None = None,
     panel_inches: float = 3.0,
     dpi: int = 100,
+    stride: int | None = None,
 ) -> Figure:
     """Attention maps over the image, one column per stream and one row per detection.
 
     Args:
         image: [3, H, W] RGB, float in [0, 1] or uint8, the (possibly padded) image the model saw.
-        maps_by_stream: stream name -> [K, h, w] weights on the feature grid covering the whole H x W.
+        maps_by_stream: stream name -> [K, h, w] weights on the feature grid.
         boxes: [K, 4] xyxy in pixels of ``image``; scores [K]; labels [K] (ints, named via ``label_names``).
         valid_size: (height, width) in pixels of the unpadded image; the panels are cropped to it.
-    Each map is upsampled bilinearly to H x W, cropped to the valid area and drawn with its own colour
+        stride: pixels per feature cell (the backbone's ``stride``): cell (i, j) covers pixels
+            [i s, (i + 1) s) x [j s, (j + 1) s), so a grid of a batch padded beyond ``image`` still lands where
+            its features came from. None: the grid covers exactly H x W.
+    Each map is upsampled bilinearly to (h s) x (w s) (or H x W), cropped to the valid area and drawn with its own colour
     scale (0 to its maximum, "jet", half transparent) over the image in grey, with the detection's box. Returns a figure of
     ``len(maps_by_stream) * panel_inches`` x ``K * panel_inches`` inches at ``dpi``.
     """
@@ -270,9 +290,7 @@ def render_attention_maps(
         return figure
     axes = figure.subplots(num_rows, len(streams), squeeze=False)
     for column, name in enumerate(streams):
-        upsampled = F.interpolate(
-            maps_by_stream[name].detach().float().cpu()[:, None], size=(height, width), mode="bilinear"
-        )[:, 0, :valid_h, :valid_w].numpy()
+        upsampled = attention_on_pixels(maps_by_stream[name], (valid_h, valid_w), stride or (height, width)).numpy()
         for row in range(num_rows):
             ax = axes[row, column]
             ax.imshow(grey, cmap="gray", vmin=0.0, vmax=1.0)
@@ -293,12 +311,15 @@ def attention_figures(
     padding_mask: Tensor,
     num_detections: int = 3,
     label_names: Mapping[int, str] | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> list[Figure]:
     """One figure per image of a batch: the last decoder layer's cross-attention of its ``num_detections``
     top-scoring slots, per stream (SD-DETR: classification | localization; Conditional DETR: single).
 
-    images [B, 3, H, W] ImageNet-normalized, padding_mask [B, H, W] (True = padded); ``label_names`` maps
-    contiguous labels to names for the titles.
+    images [B, 3, H, W] normalized with ``mean``/``std`` (the data config's), padding_mask [B, H, W] (True =
+    padded); ``label_names`` maps contiguous labels to names for the titles. Each feature cell is drawn over
+    the ``model.backbone.stride`` pixels it covers, whatever the batch's padding.
     """
     attention = decoder_cross_attention_maps(model, images, padding_mask)
     slots, scores, labels = top_slots(attention.outputs.logits, num_detections)
@@ -310,13 +331,14 @@ def attention_figures(
         maps = {name: value[index, slots[index]] for name, value in attention.maps.items()}
         figures.append(
             render_attention_maps(
-                unnormalize_image(images[index]),
+                unnormalize_image(images[index], mean, std),
                 maps,
                 boxes,
                 scores[index],
                 labels[index],
                 (valid_h, valid_w),
                 label_names,
+                stride=model.backbone.stride,
             )
         )
     return figures

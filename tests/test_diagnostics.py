@@ -12,6 +12,7 @@ from torch import nn
 
 from sd_detr.diagnostics import (
     attention_figures,
+    attention_on_pixels,
     decoder_cross_attention_maps,
     render_attention_maps,
     save_png,
@@ -269,3 +270,28 @@ def test_attention_figures_one_per_image_with_a_column_per_stream(tmp_path: Path
         figures = attention_figures(_perturbed_model(**spec), images[:2], padding_mask[:2], num_detections=2)
         assert len(figures) == 2 and all(len(f.axes) == 2 * columns for f in figures)
         assert imread(save_png(figures[1], tmp_path / f"{spec['variant']}.png")).shape[1] == columns * 300
+
+
+def test_attention_cells_cover_their_stride_whatever_the_padding() -> None:
+    """Cell (i, j) is drawn over pixels [i s, (i + 1) s) x [j s, (j + 1) s), not stretched over the padded tensor."""
+    hot = torch.zeros(1, 2, 2)
+    hot[0, 0, 1] = 1.0  # the top-right cell of a 2 x 2 grid at stride 32: columns 32-63 of a 64 x 64 image
+    on_pixels = attention_on_pixels(hot, (64, 64), stride=32)
+    assert on_pixels.shape == (1, 64, 64)
+    assert on_pixels[0, :32, 32:].mean() > 4 * on_pixels[0, :32, :32].mean()
+    assert attention_on_pixels(hot, (64, 64), stride=(64, 128)).shape == (1, 64, 64)  # grid spanning 64 x 128
+    with pytest.raises(ValueError, match="does not cover"):
+        attention_on_pixels(hot, (80, 64), stride=32)
+
+
+def test_attention_figure_of_an_image_is_the_same_padded_or_alone(tmp_path: Path) -> None:
+    """The 96 x 96 toy image inside a tensor padded to 128 x 128 (as the first images of a val batch are) draws
+    the same figure as on its own."""
+    images, padding_mask, _ = toy_batch()
+    model = _perturbed_model(variant="sd_detr")
+    assert model.backbone.stride == 32 and padding_mask[3, 96:].all() and not padding_mask[3, :96, :96].any()
+    padded = attention_figures(model, images[3:4], padding_mask[3:4], num_detections=2)[0]
+    alone = attention_figures(model, images[3:4, :, :96, :96], padding_mask[3:4, :96, :96], num_detections=2)[0]
+    drawn = [imread(save_png(figure, tmp_path / f"{name}.png")) for name, figure in (("p", padded), ("a", alone))]
+    assert drawn[0].shape == drawn[1].shape
+    assert abs(drawn[0] - drawn[1]).max() < 0.02
