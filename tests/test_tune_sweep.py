@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from pydantic import ValidationError
 
 from pipelines.config import TrainJobConfig
 from pipelines.ray_cluster import ClusterTooSmallError
@@ -56,6 +57,19 @@ def test_invalid_sweep_config_exits_before_ray_starts(override: str, message: st
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
     assert not storage.exists()
+
+
+def test_every_combination_of_searched_values_is_checked() -> None:
+    """A value valid on its own can break a trial with another key's value: checked before Ray, per combination."""
+    layers = "sweep.extra={model.transformer.num_decoder_layers: [2, 3]}"
+    with pytest.raises(ValidationError, match=r"sweep \(the combination\).*'model.query_split': 3.*layers': 2"):
+        _sweep_config(["sweep.query_split.values=[0, 3]", layers])
+    with pytest.raises(ValidationError, match=r"model\.query_split set with model\.variant=conditional_detr"):
+        _sweep_config(["sweep.extra={model.variant: [conditional_detr]}"])
+    deeper = _sweep_config(
+        ["sweep.query_split.values=[0, 5]", "sweep.extra={model.transformer.num_decoder_layers: [6]}"]
+    )
+    assert deeper.sweep.query_split.candidates() == [0, 5]  # every trial has 6 layers: split 5 is valid
 
 
 def test_sweep_of_a_baseline_config_exits_before_ray_starts(tmp_path, capsys) -> None:
@@ -103,6 +117,43 @@ def test_search_space_grid_and_random() -> None:
     splits = {space[SPLIT_PATH].sample() for _ in range(300)}
     assert all(0.1 <= w < 4.0 for w in weights) and min(weights) < 0.5 < 2.0 < max(weights)
     assert splits == {1, 2, 3}  # the range is inclusive
+
+
+def _asha_decisions(scheduler, trial_aps: dict[str, list[float]]) -> dict[str, tuple[str, int]]:
+    """Feed each trial's val APs, one result per epoch and one trial after the other, to ``scheduler``: trial id ->
+    (its last decision, the epochs it ran)."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+
+    scheduler.set_search_properties("val_AP", "max")
+    decisions = {}
+    for trial_id, aps in trial_aps.items():
+        trial = SimpleNamespace(trial_id=trial_id)
+        scheduler.on_trial_add(None, trial)
+        for epoch, ap in enumerate(aps, start=1):
+            action = scheduler.on_trial_result(None, trial, {"epochs_done": epoch, "val_AP": ap})
+            decisions[trial_id] = (action, epoch)
+            if action != TrialScheduler.CONTINUE:
+                break
+    return decisions
+
+
+def test_asha_never_stops_a_trial_on_its_last_epoch() -> None:
+    """8 epochs, grace 2, factor 2: ASHA's top rung is epoch 8 itself. A trial below that rung's cutoff has trained
+    every epoch by then and ends by itself; it is not stopped (a stop would kill it while its last checkpoint is
+    registered). Earlier rungs still stop, and a budget below the epochs (max_t) is still enforced."""
+    from tune.tuner import build_scheduler
+
+    cfg = _sweep_config(["optimizer.epochs=8", "optimizer.lr_drop_epochs=[6]"])
+    assert [milestone for milestone, _ in build_scheduler(cfg)._brackets[0]._rungs] == [8, 4, 2]
+    aps = {"good": [0.3] * 8, "late_drop": [0.4] * 7 + [0.1], "weak": [0.1] * 8}
+    decisions = _asha_decisions(build_scheduler(cfg), aps)
+    assert decisions["good"] == ("CONTINUE", 8) and decisions["late_drop"] == ("CONTINUE", 8)
+    assert decisions["weak"] == ("STOP", 2)  # below the cutoff at the first rung: stopped early, as ASHA should
+    budget = _sweep_config(["optimizer.epochs=8", "optimizer.lr_drop_epochs=[6]", "sweep.asha.max_t=4"])
+    assert _asha_decisions(build_scheduler(budget), {"any": [0.5] * 8})["any"] == ("STOP", 4)
+    assert build_scheduler(_sweep_config(["sweep.asha.enabled=false"])) is None
 
 
 def test_trial_config_sets_the_knobs_and_keeps_the_dataset_class_count_open() -> None:

@@ -1,7 +1,8 @@
 """The config of `tune/sweep.py`: the trials' :class:`TrainJobConfig` plus a ``sweep`` section (search space,
-search kind, ASHA, concurrency, storage). Pure pydantic, validated before Ray starts: every value the search
-can give is checked against the trial model (e.g. a ``query_split`` beyond the decoder depth is an error
-naming ``sweep.query_split``).
+search kind, ASHA, concurrency, storage). Pure pydantic, validated before Ray starts: every combination of
+values the search can give is checked against the trial model (e.g. a ``query_split`` beyond the decoder depth
+is an error naming ``sweep.query_split``, and beyond a depth that ``sweep.extra`` searches one naming the
+combination).
 
 The two SD-DETR knobs (docs/method.md) map to config paths:
 ``sweep.align_loss_weight`` -> ``loss.align_loss_weight`` and ``sweep.query_split`` -> ``model.query_split``.
@@ -10,6 +11,7 @@ The two SD-DETR knobs (docs/method.md) map to config paths:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -24,6 +26,7 @@ from sd_detr.names import VAL_AP
 
 ALIGN_PATH = "loss.align_loss_weight"
 SPLIT_PATH = "model.query_split"
+LAYERS_PATH = "model.transformer.num_decoder_layers"
 METRIC = VAL_AP
 TIME_ATTR = "epochs_done"
 """ASHA's time attribute: epochs completed (1-based), added to every Tune result by the trial."""
@@ -197,7 +200,7 @@ class SweepConfig(TrainJobConfig):
             )
         layers = self.model.transformer.num_decoder_layers
         bad = [v for v in self.sweep.query_split.candidates() if not 0 <= v <= layers]
-        if bad:
+        if bad and LAYERS_PATH not in self.sweep.extra:
             raise ValueError(
                 f"sweep.query_split: values {bad} out of range [0, model.transformer.num_decoder_layers={layers}]"
             )
@@ -207,16 +210,29 @@ class SweepConfig(TrainJobConfig):
             raise ValueError(f"sweep.asha.max_t ({asha.max_t}) exceeds optimizer.epochs ({epochs})")
         if asha.enabled and asha.grace_period > self.asha_max_t():
             raise ValueError(f"sweep.asha.grace_period ({asha.grace_period}) exceeds max_t ({self.asha_max_t()})")
+        self._check_every_trial()
+        return self
+
+    def _check_every_trial(self) -> None:
+        """Build the trial config of every combination the search can give (float ranges by their bounds): a
+        value valid alone can be invalid with another key's value (a query split beyond an ``extra`` decoder
+        depth, an ``extra`` variant without the split), and that must fail here, not in a trial on the cluster."""
+        spaces = {
+            ALIGN_PATH: self.sweep.align_loss_weight.candidates(),
+            SPLIT_PATH: self.sweep.query_split.candidates(),
+            **self.sweep.extra,
+        }
+        fields = {ALIGN_PATH: "sweep.align_loss_weight", SPLIT_PATH: "sweep.query_split"}
         base = self.job_config_dict()
-        checks = [("sweep.align_loss_weight", {ALIGN_PATH: v}) for v in self.sweep.align_loss_weight.candidates()] + [
-            (f"sweep.extra[{key!r}]", {key: v}) for key, values in self.sweep.extra.items() for v in values
-        ]
-        for field, params in checks:
+        for values in itertools.product(*spaces.values()):
+            params = dict(zip(spaces, values, strict=True))
             try:
                 build_trial_config(base, params)
             except (ValidationError, ValueError) as error:
-                raise ValueError(f"{field}: {params} gives an invalid trial config: {_first_error(error)}") from None
-        return self
+                # name the one searched key whose value alone breaks the trial, else the whole combination
+                alone = [key for key in spaces if not _valid_trial(base, {key: params[key]})]
+                where = fields.get(alone[0], f"sweep.extra[{alone[0]!r}]") if alone else "sweep (the combination)"
+                raise ValueError(f"{where}: {params} gives an invalid trial config: {_first_error(error)}") from None
 
     def storage(self) -> str:
         """Where the Tune experiment lives: ``sweep.storage_path`` or ``training.storage_path``, local paths made
@@ -273,6 +289,14 @@ def build_trial_config(base: dict[str, Any], params: dict[str, Any], run_name: s
     if run_name is not None:
         overrides.append(f"training.run_name={run_name}")
     return TrainJobConfig.model_validate(apply_overrides(base, overrides))
+
+
+def _valid_trial(base: dict[str, Any], params: dict[str, Any]) -> bool:
+    try:
+        build_trial_config(base, params)
+    except (ValidationError, ValueError):
+        return False
+    return True
 
 
 def _first_error(error: Exception) -> str:

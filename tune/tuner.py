@@ -7,12 +7,34 @@ import logging
 from typing import Any
 
 import ray.tune
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from tune.config import ALIGN_PATH, METRIC, SPLIT_PATH, TIME_ATTR, SweepConfig
 
 logger = logging.getLogger(__name__)
+
+
+class FinalEpochASHA(ASHAScheduler):
+    """ASHA that never stops a trial on the result of its last epoch (``epochs_done == final_epoch``).
+
+    A trial there ends by itself; a stop would kill the trial actor while its Train run registers the last
+    checkpoint and closes its MLflow run. Plain ASHA can: its top rung lands on ``max_t`` whenever
+    ``max_t / grace_period`` is a power of ``reduction_factor`` (e.g. 8 epochs, grace 2, factor 2), and a trial
+    below that rung's cutoff is stopped there. The result still counts towards the rung's cutoff. Only a
+    budget below ``optimizer.epochs`` (``sweep.asha.max_t``) is enforced by stopping (``stop_last_trials``).
+    """
+
+    def __init__(self, *, final_epoch: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.final_epoch = final_epoch
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action == TrialScheduler.STOP and result.get(TIME_ATTR, 0) >= self.final_epoch:
+            self._num_stopped -= 1
+            return TrialScheduler.CONTINUE
+        return action
 
 
 def param_space(cfg: SweepConfig) -> dict[str, Any]:
@@ -37,6 +59,20 @@ def param_space(cfg: SweepConfig) -> dict[str, Any]:
     return space
 
 
+def build_scheduler(cfg: SweepConfig) -> FinalEpochASHA | None:
+    """ASHA on ``epochs_done`` with the sweep's grace period, reduction factor and budget; None when disabled."""
+    if not cfg.sweep.asha.enabled:
+        return None
+    return FinalEpochASHA(
+        final_epoch=cfg.optimizer.epochs,
+        time_attr=TIME_ATTR,
+        max_t=cfg.asha_max_t(),
+        grace_period=cfg.sweep.asha.grace_period,
+        reduction_factor=cfg.sweep.asha.reduction_factor,
+        stop_last_trials=cfg.asha_max_t() < cfg.optimizer.epochs,
+    )
+
+
 def build_tuner(cfg: SweepConfig, trainable: Any) -> tuple[ray.tune.Tuner, bool]:
     """The sweep's Tuner and whether it was restored: an interrupted sweep of the same name continues from the
     state Tune saved (its own search space included), otherwise a new one searches :func:`param_space`."""
@@ -44,17 +80,7 @@ def build_tuner(cfg: SweepConfig, trainable: Any) -> tuple[ray.tune.Tuner, bool]
     if ray.tune.Tuner.can_restore(experiment_path):
         logger.info("Resuming sweep %r from %s", cfg.sweep.name, experiment_path)
         return ray.tune.Tuner.restore(experiment_path, trainable=trainable, resume_errored=True), True
-    scheduler = None
-    if cfg.sweep.asha.enabled:
-        scheduler = ASHAScheduler(
-            time_attr=TIME_ATTR,
-            max_t=cfg.asha_max_t(),
-            grace_period=cfg.sweep.asha.grace_period,
-            reduction_factor=cfg.sweep.asha.reduction_factor,
-            # Trials that reach the epoch budget end by themselves; a stop there would kill the trial actor
-            # while its Train run finishes. Only a budget below optimizer.epochs is enforced by stopping.
-            stop_last_trials=cfg.asha_max_t() < cfg.optimizer.epochs,
-        )
+    scheduler = build_scheduler(cfg)
     tuner = ray.tune.Tuner(
         trainable,
         param_space=param_space(cfg),
