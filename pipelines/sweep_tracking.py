@@ -5,6 +5,7 @@ outcome, and the best trial's checkpoint registered. Driver side only; knows not
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,11 +111,18 @@ def close_trial_runs(
             )
         run = client.get_run(run_id)
         client.set_tag(run_id, OUTCOME_TAG, "stopped_by_asha" if trial.status == "stopped" else trial.status)
-        if not trial.final_metrics.keys() <= run.data.metrics.keys():  # a rerun of a finished sweep logs nothing twice
+        logged = run.data.metrics
+        if not all(_same_value(logged.get(key), value) for key, value in trial.final_metrics.items()):
+            # a rerun of a finished sweep logs nothing twice; a retried (failed) trial logs its new end
             log_metrics(client, run_id, trial.final_metrics, step=trial.final_step)
         if run.info.status != _RUN_STATUS[trial.status]:
             client.set_terminated(run_id, status=_RUN_STATUS[trial.status])
     return run_ids
+
+
+def _same_value(logged: float | None, value: float) -> bool:
+    """Whether MLflow's latest value ``logged`` is ``value`` (NaN equals NaN: MLflow stores it as such)."""
+    return logged is not None and (logged == value or (math.isnan(logged) and math.isnan(value)))
 
 
 def close_interrupted_sweep(client: MlflowClient, experiment_id: str, parent_run_id: str) -> None:
