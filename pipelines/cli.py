@@ -147,6 +147,13 @@ def flag_fields(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any
     return {name: values[name] for name in names if values.get(name) is not None}
 
 
+TRAINING_FAILED_EXIT_CODE = 1
+"""Exit code of an entry point whose training failed (a worker error past ``training.max_failures``)."""
+TRACKING_INCOMPLETE_EXIT_CODE = 3
+"""Exit code of an entry point whose training is done but whose tracking is not (metrics unsent, model not
+registered, alias not moved): the message says what to rerun; a rerun never registers anything twice."""
+
+
 def print_error(message: str) -> None:
     """Print ``error: message`` to stderr: the one line an entry point that gives up leaves there (outside
     logging, so silencing the log lines never hides why a command failed)."""

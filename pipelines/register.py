@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from pipelines.checkpoint import CHECKPOINT_FILE, checkpoint_config_json, checkpoint_metrics
-from pipelines.cli import add_config_arguments, configure_logging, fail, load_or_exit
+from pipelines.cli import TRACKING_INCOMPLETE_EXIT_CODE, add_config_arguments, configure_logging, fail, load_or_exit
 from pipelines.config import TrainJobConfig
 from pipelines.metrics_outbox import RunStorage, TrackingOutbox, bound_http_retries
 from pipelines.run_outcome import register_checkpoint_dir, registered_version_of
@@ -43,8 +43,6 @@ from sd_detr.config import flatten_config
 from sd_detr.names import VAL_AP
 
 logger = logging.getLogger("pipelines.register")  # by name: run as a script, __name__ is "__main__"
-
-FAILED_MIDWAY_EXIT_CODE = 3
 
 
 def load_job_config(checkpoint: Path, files: list[Path], overrides: list[str]) -> TrainJobConfig:
@@ -122,12 +120,12 @@ def main(argv: list[str] | None = None) -> None:
         raise
     except AliasNotMovedError as error:
         if error.needs_hand:
-            fail(f"{error}; once fixed, rerun this command", code=FAILED_MIDWAY_EXIT_CODE)
+            fail(f"{error}; once fixed, rerun this command", code=TRACKING_INCOMPLETE_EXIT_CODE)
         fail(f"MLflow at {uri} failed midway ({error}); rerun this command (the version is not registered twice)",
-             code=FAILED_MIDWAY_EXIT_CODE)  # fmt: skip
+             code=TRACKING_INCOMPLETE_EXIT_CODE)  # fmt: skip
     except Exception as error:
         fail(f"MLflow at {uri} failed midway ({type(error).__name__}: {str(error)[:300]}); rerun this command "
-             "(what was sent is not sent twice)", code=FAILED_MIDWAY_EXIT_CODE)  # fmt: skip
+             "(what was sent is not sent twice)", code=TRACKING_INCOMPLETE_EXIT_CODE)  # fmt: skip
     logger.info("MLflow run %s is complete", run_id)
 
 

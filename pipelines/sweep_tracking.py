@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.config import TrainJobConfig
 from pipelines.metrics_outbox import RunStorage, TrackingOutbox, registered_checkpoint_epoch
-from pipelines.run_outcome import register_checkpoint, select_best_checkpoint
+from pipelines.run_outcome import checkpoint_name, register_checkpoint, registered_version_of, select_best_checkpoint
 from pipelines.run_setup import PreparedRun
 from pipelines.tags import (
     BEST_PARAMS_TAG,
@@ -26,7 +26,7 @@ from pipelines.tags import (
     REGISTERED_VERSION_TAG,
     SWEEP_TAG,
 )
-from pipelines.tracking import client_for, find_run, log_metrics, log_text_artifact, start_or_resume_run
+from pipelines.tracking import client_for, find_run, log_metrics, log_text_artifact, move_alias, start_or_resume_run
 from sd_detr.names import VAL_AP
 
 logger = logging.getLogger(__name__)
@@ -151,26 +151,29 @@ def register_best_trial(
     trial_cfg: TrainJobConfig, run_id: str, uri: str, experiment_id: str
 ) -> tuple[str | None, bool]:
     """Register the best checkpoint of the best trial's Train run (``trial_cfg``, its config with its run name)
-    in its MLflow run ``run_id``, once: a rerun of a finished sweep reuses the version it registered. Returns
-    (version, whether ``tracking.alias`` points at it); (None, False) when the trial kept no scored checkpoint."""
+    in its MLflow run ``run_id``, once, and move ``tracking.alias`` as `pipelines/train.py` does: a rerun of a
+    finished sweep reuses the version it registered and retries only the alias. Returns (version, whether
+    ``tracking.alias`` points at it); (None, False) when the trial kept no scored checkpoint.
+
+    Raises:
+        AliasNotMovedError: the version is registered (the run tagged with it) but the alias step failed.
+    """
     client = client_for(uri)
     tracking = trial_cfg.tracking
-    done = client.get_run(run_id).data.tags.get(REGISTERED_VERSION_TAG)
-    if done is not None:
-        try:
-            aliased = str(client.get_model_version_by_alias(tracking.model_name, tracking.alias).version)
-        except Exception:  # the alias was removed since
-            aliased = None
-        return done, aliased == done
     storage = RunStorage(trial_cfg.training.storage_path, trial_cfg.training.run_name)
     checkpoint, metrics = select_best_checkpoint(ray.train.Result.from_path(storage.uri))
     if checkpoint is None:
         return None, False
+    val_ap = float(metrics[VAL_AP])
+    before = registered_version_of(client, run_id, checkpoint_name(checkpoint), tracking.model_name)
+    if before is not None:
+        return before, move_alias(client, tracking.model_name, tracking.alias, before, val_ap)
     prepared = PreparedRun(trial_cfg, uri, experiment_id, run_id, resumed=True)
     status = client.get_run(run_id).info.status
-    registered = register_checkpoint(prepared, checkpoint, float(metrics[VAL_AP]))
-    client.set_terminated(run_id, status=status)  # logging the model through MLflow's fluent API ends it FINISHED
-    return registered
+    try:
+        return register_checkpoint(prepared, checkpoint, val_ap)
+    finally:
+        client.set_terminated(run_id, status=status)  # logging the model through MLflow's fluent API ends it FINISHED
 
 
 def tag_best_trial(

@@ -25,16 +25,20 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.cli import add_config_arguments, configure_logging, fail, load_or_exit
+from pipelines.cli import (
+    TRACKING_INCOMPLETE_EXIT_CODE,
+    TRAINING_FAILED_EXIT_CODE,
+    add_config_arguments,
+    configure_logging,
+    fail,
+    load_or_exit,
+)
 from pipelines.config import DEFAULT_CONFIG, TrainJobConfig
 from pipelines.ray_cluster import ClusterTooSmallError
 from pipelines.run_outcome import TrackingIncompleteError, TrainingFailed, log_summary
 from pipelines.tracking import TrackingUnavailableError
 from pipelines.training import run_training
 from sd_detr.data.lock import LockHeldError
-
-TRACKING_INCOMPLETE_EXIT_CODE = 3
-TRAINING_FAILED_EXIT_CODE = 1
 
 
 def main(argv: list[str] | None = None) -> None:

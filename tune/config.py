@@ -31,9 +31,12 @@ METRIC = VAL_AP
 TIME_ATTR = "epochs_done"
 """ASHA's time attribute: epochs completed (1-based), added to every Tune result by the trial."""
 RESUME_FIXED_PREFIXES = ("sweep.align_loss_weight.", "sweep.query_split.", "sweep.extra.", "sweep.search",
-                         "sweep.num_samples", "sweep.seed", "model.", "matcher.", "loss.", "optimizer.")  # fmt: skip
-"""Flattened config keys a resumed sweep must keep: its search space and what defines a trial (model, loss,
-recipe). Data, scaling, storage and tracking settings may change."""
+                         "sweep.num_samples", "sweep.seed", "sweep.asha.", "sweep.max_concurrent_trials",
+                         "model.", "matcher.", "loss.", "optimizer.")  # fmt: skip
+"""Flattened config keys a resumed sweep must keep: its search space, what defines a trial (model, loss,
+recipe), and the scheduler and concurrency that ``Tuner.restore`` takes from the saved experiment whatever
+the config says (a changed value would be checked here but not used). Data, scaling, storage and tracking
+settings may change."""
 
 
 @dataclass(frozen=True)

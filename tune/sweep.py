@@ -3,7 +3,8 @@
     python tune/sweep.py                                           # configs/default.yaml + tune/sweep.yaml
     python tune/sweep.py --config configs/default.yaml --config tune/sweep.yaml \\
         --set sweep.search=random --set sweep.num_samples=8 --set sweep.name=w-split-random
-    ray job submit --working-dir . -- python tune/sweep.py --set scaling.use_gpu=true
+    ray job submit --working-dir . -- python tune/sweep.py --set scaling.use_gpu=true \
+        --set training.storage_path=/shared/ray_results --set data.synthetic_root=/shared/data/synthetic
 
 Each trial fits the TorchTrainer of `pipelines/train.py` (its MLflow run nested under the sweep's parent run);
 ASHA stops weak trials on val AP. At the end: a table of trials sorted by val AP, the table and an AP heat map
@@ -24,7 +25,14 @@ from pathlib import Path
 
 import ray.tune
 
-from pipelines.cli import add_config_arguments, configure_logging, fail, load_or_exit
+from pipelines.cli import (
+    TRACKING_INCOMPLETE_EXIT_CODE,
+    TRAINING_FAILED_EXIT_CODE,
+    add_config_arguments,
+    configure_logging,
+    fail,
+    load_or_exit,
+)
 from pipelines.config import DEFAULT_CONFIG, TrainJobConfig
 from pipelines.ray_cluster import ClusterTooSmallError, check_cluster_fits, ensure_ray
 from pipelines.run_setup import check_backbone_init, resolve_data
@@ -38,7 +46,14 @@ from pipelines.sweep_tracking import (
     tag_best_trial,
 )
 from pipelines.tags import RUN_NAME_TAG
-from pipelines.tracking import TrackingUnavailableError, check_reachable, client_for, get_or_create_experiment, run_url
+from pipelines.tracking import (
+    AliasNotMovedError,
+    TrackingUnavailableError,
+    check_reachable,
+    client_for,
+    get_or_create_experiment,
+    run_url,
+)
 from sd_detr.config import flatten_config
 from tune.cluster import check_sweep_fits, release_orphaned_placement_groups
 from tune.config import RESUME_FIXED_PREFIXES, SweepConfig, build_trial_config
@@ -76,6 +91,7 @@ class SweepOutcome:
     best_run_id: str | None = None
     registered_version: str | None = None
     aliased: bool = False
+    alias_error: AliasNotMovedError | None = None
     best_config_path: Path | None = None
 
 
@@ -91,14 +107,7 @@ def run_sweep(cfg: SweepConfig) -> SweepOutcome:
     # Resolve the dataset once here (trials would race to generate the synthetic one).
     resolved = resolve_data(TrainJobConfig.model_validate(cfg.job_config_dict()))
     job = resolved.model_dump(mode="json", exclude_unset=True)
-    client = client_for(uri)
-    experiment_id = get_or_create_experiment(client, cfg.tracking.experiment, cfg.tracking.artifact_root, uri)
-    parent_run_id = open_sweep_run(client, experiment_id, cfg.sweep.name, flatten_config(cfg), RESUME_FIXED_PREFIXES,
-                                   searched={key.path for key in keys})  # fmt: skip
-    logger.info("Sweep %r: %d trials, MLflow parent run %s: %s", cfg.sweep.name, cfg.num_trials(), parent_run_id,
-                run_url(uri, experiment_id, parent_run_id))  # fmt: skip
-
-    ensure_ray()
+    ensure_ray()  # the cluster is checked before the parent run opens: a sweep that cannot run leaves none RUNNING
     release_orphaned_placement_groups()  # e.g. left by a Ctrl+C that cut this sweep while a trial was starting
     check_cluster_fits(resolved)
     scaling = resolved.scaling
@@ -107,6 +116,12 @@ def run_sweep(cfg: SweepConfig) -> SweepOutcome:
         cfg.sweep.max_concurrent_trials,
         resolved.data.loader.decode_num_cpus,
     )
+    client = client_for(uri)
+    experiment_id = get_or_create_experiment(client, cfg.tracking.experiment, cfg.tracking.artifact_root, uri)
+    parent_run_id = open_sweep_run(client, experiment_id, cfg.sweep.name, flatten_config(cfg), RESUME_FIXED_PREFIXES,
+                                   searched={key.path for key in keys})  # fmt: skip
+    logger.info("Sweep %r: %d trials, MLflow parent run %s: %s", cfg.sweep.name, cfg.num_trials(), parent_run_id,
+                run_url(uri, experiment_id, parent_run_id))  # fmt: skip
     experiment_path = cfg.experiment_path()
     setup = TrialSetup(job=job, sweep_name=cfg.sweep.name, parent_run_id=parent_run_id, search_keys=tuple(keys))
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup), {"CPU": cfg.sweep.trial_cpus})
@@ -135,14 +150,17 @@ def run_sweep(cfg: SweepConfig) -> SweepOutcome:
         best = outcome.best
         outcome.best_run_id = run_ids[best.trial_id]
         trial_cfg = build_trial_config(job, best.params, best.run_name)
-        if trial_cfg.tracking.register_model:  # the only registration of a sweep (trials register nothing)
-            outcome.registered_version, outcome.aliased = register_best_trial(
-                trial_cfg, outcome.best_run_id, uri, experiment_id
-            )
         path = cfg.best_config_path()
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(best_config_yaml(given, best.params, resolved.model.num_classes))
         outcome.best_config_path = path
+        if trial_cfg.tracking.register_model:  # the only registration of a sweep (trials register nothing)
+            try:
+                outcome.registered_version, outcome.aliased = register_best_trial(
+                    trial_cfg, outcome.best_run_id, uri, experiment_id
+                )
+            except AliasNotMovedError as error:  # registered; a rerun retries only the alias
+                outcome.registered_version, outcome.alias_error = error.version, error
         tag_best_trial(client, parent_run_id, outcome.best_run_id, best.params, path.read_text(),
                        outcome.registered_version)  # fmt: skip
     finish_sweep_run(client, parent_run_id)
@@ -164,6 +182,8 @@ def log_outcome(outcome: SweepOutcome, cfg: SweepConfig) -> None:
         lines.append(f"   best run id   : {outcome.best_run_id}")
     if outcome.registered_version is not None:
         alias = f", alias @{cfg.tracking.alias} moved" if outcome.aliased else f", @{cfg.tracking.alias} kept"
+        if outcome.alias_error is not None:
+            alias = f", @{cfg.tracking.alias} NOT compared or moved"
         lines.append(f"   registered    : models:/{cfg.tracking.model_name}/{outcome.registered_version}{alias}")
     if outcome.best_config_path is not None:
         lines.append(f"   best config   : {outcome.best_config_path}")
@@ -186,7 +206,14 @@ def main(argv: list[str] | None = None) -> None:
     if outcome.interrupted:
         raise SystemExit(130)
     if outcome.best is None:
-        fail("no trial reported a val AP", code=1)
+        fail("no trial reported a val AP", code=TRAINING_FAILED_EXIT_CODE)
+    if outcome.alias_error is not None:
+        retry = "once the registry is fixed, rerun" if outcome.alias_error.needs_hand else "rerun"
+        fail(
+            f"{outcome.alias_error}\n  {retry} the same command: the finished sweep trains nothing and retries only "
+            "the alias",
+            code=TRACKING_INCOMPLETE_EXIT_CODE,
+        )
 
 
 if __name__ == "__main__":
