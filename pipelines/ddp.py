@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from sd_detr.config import ModelConfig
 from sd_detr.data.collate import DetectionBatch
+from sd_detr.engine import compile_transformer
 from sd_detr.model import Detector, build_detector
 
 T = TypeVar("T")
@@ -142,9 +143,12 @@ def seed_worker(seed: int, rank: int, epoch: int = 0) -> int:
     return derived
 
 
-def build_worker_detector(config: ModelConfig, seed: int, rank: int) -> Detector:
+def build_worker_detector(config: ModelConfig, seed: int, rank: int, compile: bool = False) -> Detector:
     """The detector of ``rank``: weights initialised from the shared ``seed`` (the same on every rank, as DDP
-    requires), then torch's generators re-seeded per rank (:func:`seed_worker`, epoch 0) for what follows."""
+    requires), then torch's generators re-seeded per rank (:func:`seed_worker`, epoch 0) for what follows.
+    ``compile`` (``training.compile``): its transformer compiled in place (:func:`sd_detr.engine.compile_transformer`)."""
     detector = build_detector(config, seed=seed)
+    if compile:
+        compile_transformer(detector)  # in place: DDP, checkpoints and evaluation see the same module tree
     seed_worker(seed, rank)
     return detector

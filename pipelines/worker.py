@@ -51,7 +51,6 @@ from sd_detr.engine import (
     build_criterion,
     build_lr_scheduler,
     build_optimizer,
-    compile_transformer,
     train_step,
 )
 from sd_detr.model import Detector
@@ -198,9 +197,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> dict[str, float]:
         amp_dtype = torch.bfloat16 if cfg.scaling.amp == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
-    detector = build_worker_detector(cfg.model, cfg.training.seed, rank)
-    if cfg.training.compile:
-        compile_transformer(detector)  # in place: DDP, checkpoints and evaluation see the same module tree
+    detector = build_worker_detector(cfg.model, cfg.training.seed, rank, compile=cfg.training.compile)
     model = ray.train.torch.prepare_model(detector, parallel_strategy_kwargs={"find_unused_parameters": False})
     criterion = build_criterion(cfg, mean_over_workers)
     optimizer = build_optimizer(unwrap(model), cfg.optimizer)

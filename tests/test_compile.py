@@ -8,13 +8,12 @@ import torch
 from torch import Tensor
 from torch._dynamo.utils import counters
 
+from pipelines.ddp import build_worker_detector
 from sd_detr.config import DetectorConfig
 from sd_detr.engine import build_criterion, compile_transformer, compute_loss
 from sd_detr.losses import SetCriterion
 from sd_detr.model import Detector, build_detector
 from tests.toy_data import toy_batch
-
-pytestmark = pytest.mark.slow  # compiling forward and backward on CPU takes about a minute
 
 
 def tiny_config() -> DetectorConfig:
@@ -38,6 +37,18 @@ def loss_and_gradients(
     return losses.total.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
 
+def test_training_compile_compiles_the_workers_transformer_and_leaves_the_backbone_eager() -> None:
+    """What ``training.compile`` sets in each Ray Train worker (`pipelines.worker`): the encoder and decoding are
+    compiled in place (nn.Module.compile), the backbone is not; off by default."""
+    compiled = build_worker_detector(tiny_config().model, seed=0, rank=0, compile=True)
+    assert compiled.encoder._compiled_call_impl is not None and compiled.decoding._compiled_call_impl is not None
+    assert compiled.backbone._compiled_call_impl is None
+    eager = build_worker_detector(tiny_config().model, seed=0, rank=0)
+    assert all(module._compiled_call_impl is None for module in eager.modules())
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+
+
+@pytest.mark.slow  # compiling forward and backward on CPU takes about a minute
 def test_compiled_transformer_gives_the_eager_loss_and_gradients() -> None:
     config = tiny_config()
     eager = build_detector(config.model, seed=0)
@@ -55,6 +66,7 @@ def test_compiled_transformer_gives_the_eager_loss_and_gradients() -> None:
     images, padding_mask, targets = toy_batch()
     # a second batch of another size (3 images, 96 px): dynamic shapes, no recompilation
     batches = [(images, padding_mask, targets), (images[:3, :, :96, :96], padding_mask[:3, :96, :96], targets[:3])]
+    counters.clear()
     graphs = []
     for batch in batches:
         expected_loss, expected_grads = loss_and_gradients(eager, criterion, *batch)
@@ -64,4 +76,5 @@ def test_compiled_transformer_gives_the_eager_loss_and_gradients() -> None:
         assert grads.keys() == expected_grads.keys()
         for name, grad in grads.items():
             assert torch.allclose(grad, expected_grads[name], rtol=1e-3, atol=1e-4), name
+    assert graphs[0] >= 2 and not counters["graph_break"]  # encoder and decoding really compiled, each whole
     assert graphs[1] == graphs[0]  # the second size reused the dynamic-shape graphs

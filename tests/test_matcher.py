@@ -106,3 +106,42 @@ def test_batched_matching_is_optimal_per_output() -> None:
         for image, (rows, cols) in enumerate(per_image):
             cost = _cost(logits[output, image], boxes[output, image], targets[image], config)
             assert float(cost[rows, cols].sum()) == pytest.approx(_brute_force_minimum(cost), abs=1e-4)
+
+
+def _brute_force_masked_minimum(cost: torch.Tensor, valid: torch.Tensor) -> float:
+    """The cheapest matching of min(valid slots, targets) pairs that uses only valid slots (rows)."""
+    rows = valid.nonzero().flatten().tolist()
+    pairs = min(len(rows), cost.shape[1])
+    if pairs == 0:
+        return 0.0
+    return min(
+        float(sum(cost[q, t] for q, t in zip(chosen_rows, chosen_targets, strict=True)))
+        for chosen_targets in itertools.combinations(range(cost.shape[1]), pairs)
+        for chosen_rows in itertools.permutations(rows, pairs)
+    )
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_masked_matching_is_optimal_over_the_valid_slots(seed: int) -> None:
+    """With invalid slots (SD-DETR's masked predictions) each output's assignment uses valid slots only and reaches
+    the brute-force minimum over them, also when there are fewer valid slots than targets."""
+    generator = torch.Generator().manual_seed(seed)
+    config = MatcherConfig()
+    outputs, queries, classes, target_counts = 2, 6, 4, [2, 5, 0]
+    logits = torch.randn(outputs, len(target_counts), queries, classes, generator=generator)
+    boxes = torch.rand(outputs, len(target_counts), queries, 4, generator=generator) * 0.5 + 0.25
+    targets = [
+        {"labels": torch.randint(0, classes, (count,), generator=generator),
+         "boxes": torch.rand(count, 4, generator=generator) * 0.5 + 0.25}
+        for count in target_counts
+    ]  # fmt: skip
+    valid = torch.rand(outputs, len(target_counts), queries, generator=generator) > 0.4
+    valid[1, 1] = torch.tensor([True, False, True, False, False, True])  # 3 valid slots for 5 targets
+    matched = HungarianMatcher(config).match_outputs(logits, boxes, targets, valid)
+    for output in range(outputs):
+        for image, (rows, cols) in enumerate(matched[output]):
+            assert bool(valid[output, image, rows].all())
+            cost = _cost(logits[output, image], boxes[output, image], targets[image], config)
+            achieved = float(cost[rows, cols].sum()) if len(rows) else 0.0
+            assert len(rows) == min(int(valid[output, image].sum()), target_counts[image])
+            assert achieved == pytest.approx(_brute_force_masked_minimum(cost, valid[output, image]), abs=1e-4)
