@@ -10,7 +10,7 @@ pinned to one thread, as the main job's two Ray Train workers are. One step here
 workers together (``scaling.num_workers`` x ``data.loader.batch_size``): the same gradient as the job's DDP step
 (per-worker losses over the mean box count, gradients averaged), so the AP at a given epoch is the job's up to
 the order of the images. Prints one JSON line per evaluation (val AP and AP50 from pycocotools on the whole val
-set, train images/s, wall seconds); images/s here is not the job's (no Ray Data, one process).
+set, the epoch's mean training loss, train images/s, wall seconds); images/s here is not the job's (no Ray Data, one process).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -30,21 +31,29 @@ from sd_detr.data.config import LoaderConfig
 from sd_detr.data.dataset import build_dataloader
 from sd_detr.data.meta import load_meta
 from sd_detr.engine import build_criterion, build_lr_scheduler, build_optimizer, train_step
-from sd_detr.model import build_detector
+from sd_detr.model import Detector, build_detector
 
 logger = logging.getLogger("benchmarks.recipe_probe")
 
 
-def probe(cfg: TrainJobConfig, eval_every: int) -> list[dict[str, float]]:
+@dataclass
+class ProbeResult:
+    """What a probe leaves: one record per evaluation and the trained model."""
+
+    records: list[dict[str, float]]
+    model: Detector
+
+
+def probe(cfg: TrainJobConfig, eval_every: int) -> ProbeResult:
     """:func:`train_and_evaluate` on ``cfg`` with its data resolved (``ValueError``/``FileNotFoundError`` from
     :func:`pipelines.run_setup.resolve_data` when the data do not fit the config, before any training)."""
     return train_and_evaluate(resolve_data(cfg.with_absolute_paths()), eval_every)
 
 
-def train_and_evaluate(cfg: TrainJobConfig, eval_every: int) -> list[dict[str, float]]:
+def train_and_evaluate(cfg: TrainJobConfig, eval_every: int) -> ProbeResult:
     """Train ``cfg`` (data resolved) for ``cfg.optimizer.epochs`` epochs in this process and evaluate every
-    ``eval_every`` epochs and after the last -> one record per evaluation (epoch, AP, AP50, train images/s, wall
-    seconds)."""
+    ``eval_every`` epochs and after the last -> one record per evaluation (epoch, AP, AP50, that epoch's mean
+    training loss, train images/s, wall seconds)."""
     torch.manual_seed(cfg.training.seed)
     model = build_detector(cfg.model, seed=cfg.training.seed)
     criterion = build_criterion(cfg)
@@ -63,8 +72,9 @@ def train_and_evaluate(cfg: TrainJobConfig, eval_every: int) -> list[dict[str, f
     for epoch in range(cfg.optimizer.epochs):
         train.dataset.set_epoch(epoch)
         epoch_start = time.perf_counter()
+        epoch_losses = []
         for batch in train:
-            train_step(
+            losses = train_step(
                 model,
                 criterion,
                 optimizer,
@@ -74,6 +84,7 @@ def train_and_evaluate(cfg: TrainJobConfig, eval_every: int) -> list[dict[str, f
                 cfg.optimizer.grad_clip_norm,
                 image_sizes=batch.image_sizes,
             )
+            epoch_losses.append(float(losses.total.detach()))
             images += len(batch.targets)
         scheduler.step()
         train_seconds += time.perf_counter() - epoch_start
@@ -84,12 +95,13 @@ def train_and_evaluate(cfg: TrainJobConfig, eval_every: int) -> list[dict[str, f
             "epoch": epoch + 1,
             "AP": round(stats["AP"], 4),
             "AP50": round(stats["AP50"], 4),
+            "train_loss": round(sum(epoch_losses) / len(epoch_losses), 4),
             "train_images_per_s": round(images / train_seconds, 1),
             "wall_s": round(time.perf_counter() - started),
         }
         logger.info(json.dumps(record))
         records.append(record)
-    return records
+    return ProbeResult(records, model)
 
 
 def main(argv: list[str] | None = None) -> None:

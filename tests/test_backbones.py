@@ -16,8 +16,8 @@ from torch import nn
 from sd_detr.backbone import Backbone, build_backbone
 from sd_detr.backbone_nets import build_torchvision_net, group_norm_groups
 from sd_detr.backbone_weights import BackboneWeightsError, check_backbone_weights, load_backbone_weights
-from sd_detr.config import BackboneConfig, DetectorConfig
-from sd_detr.engine import build_criterion, compute_loss, predict
+from sd_detr.config import BackboneConfig, DetectorConfig, OptimizerConfig
+from sd_detr.engine import build_criterion, build_optimizer, compute_loss, predict
 from sd_detr.model import build_detector
 from tests.test_real_sizes import pad_batch, random_image, targets_for
 
@@ -128,6 +128,9 @@ def test_a_detector_with_it_trains_a_step_and_predicts(name: str) -> None:
         grads = [p.grad for p in getattr(model.backbone, unit).parameters()]
         assert grads and all(g is not None for g in grads), unit
         assert sum(g.abs().sum() for g in grads) > 0, unit
+    before = {name: p.detach().clone() for name, p in model.backbone.named_parameters()}
+    build_optimizer(model, OptimizerConfig()).step()  # the job's AdamW, backbone group included
+    assert all(not torch.equal(p, before[name]) for name, p in model.backbone.named_parameters()), "not stepped"
     detections = predict(model, images, mask, torch.tensor(sizes))
     assert len(detections) == 2 and all(torch.isfinite(d["boxes"]).all() for d in detections)
 

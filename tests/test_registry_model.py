@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -46,6 +47,7 @@ from pipelines.tracking import AliasNotMovedError, AliasUpdateError, update_alia
 from sd_detr.box_ops import xyxy_to_xywh
 from sd_detr.config import DetectorConfig
 from sd_detr.data.meta import load_meta
+from sd_detr.names import VAL_PREDICT_SECONDS, VAL_SECONDS, val_metric
 from tests.mlflow_server import LOOPBACK, free_loopback_port, http_get, mlflow_executable
 from tests.registry_helpers import register_tiny_model, tiny_model_files, unique
 
@@ -280,19 +282,36 @@ class _EchoModel(mlflow.pyfunc.PythonModel):
 def test_predict_and_evaluate_scripts_use_the_registered_model(
     mlflow_server: str, synthetic_root: Path, tmp_path: Path, no_pickle: None
 ) -> None:
-    from pipelines.evaluate import evaluate_model
+    from pipelines.evaluate import evaluate_model, evaluate_shards
     from pipelines.predict import PredictConfig, run
 
     meta = load_meta(synthetic_root / "val")
     name = unique("scripts")
-    register_tiny_model(mlflow_server, name, 0.1, tmp_path / "m", categories=[(c.id, c.name) for c in meta.categories])
+    _, _, local = register_tiny_model(
+        mlflow_server, name, 0.1, tmp_path / "m", categories=[(c.id, c.name) for c in meta.categories]
+    )
     uri = f"models:/{name}@champion"
     images = list_images([synthetic_root / "images" / "val"])[:2]
     results = run(PredictConfig(model=uri, images=images, out=tmp_path / "d.json", tracking_uri=mlflow_server))
     assert json.loads((tmp_path / "d.json").read_text()) == results and results
     assert {r["file_name"] for r in results} == {p.name for p in images}
+    # the registered model's detections are those of the model it was registered from (not just some output)
+    expected = Predictor(local)([path.read_bytes() for path in images])
+    assert sorted(r["score"] for r in results) == pytest.approx(
+        sorted(float(s) for d in expected for s in d["scores"]), abs=1e-6
+    )
     stats = evaluate_model(load_model(uri, mlflow_server), synthetic_root / "val", batch_size=4)
     assert len(stats) == 12 and all(0.0 <= v <= 1.0 or v == -1.0 for v in stats.values())
+    # an untrained model scores AP 0: compare every statistic and the model-dependent score-IoU diagnostics
+    registered = evaluate_shards(load_model(uri, mlflow_server), synthetic_root / "val", batch_size=4).metrics
+    reference = evaluate_shards(local, synthetic_root / "val", batch_size=4).metrics
+    timings = {VAL_SECONDS, VAL_PREDICT_SECONDS}
+    assert registered.keys() == reference.keys()
+    assert {k: v for k, v in registered.items() if k not in timings} == pytest.approx(
+        {k: v for k, v in reference.items() if k not in timings}, abs=1e-6, nan_ok=True
+    )
+    assert math.isfinite(registered[val_metric("score_iou_spearman")])
+    assert stats == pytest.approx(evaluate_shards(local, synthetic_root / "val", batch_size=4).coco_stats(), abs=1e-6)
 
 
 @pytest.mark.ray
