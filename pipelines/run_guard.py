@@ -6,8 +6,9 @@
   (:class:`IncompatibleCheckpointError`, exit code 2 in `pipelines/train.py`) naming the differing fields or the
   epochs. A rerun with exactly the trained epochs trains nothing and only finishes the run (logs what is unsent,
   registers its best checkpoint unless that checkpoint is registered already).
-* :func:`job_lock`: one job per (storage path, run name) at a time, through
-  :func:`sd_detr.data.lock.exclusive_lock` (a kernel ``flock``: a crashed job never leaves it stuck).
+* :func:`job_lock`: one job per (storage path, run name) at a time, and :func:`sweep_lock`, one sweep driver
+  per (storage, sweep name), through :func:`sd_detr.data.lock.exclusive_lock` (a kernel ``flock``: a crashed
+  job never leaves it stuck).
 """
 
 from __future__ import annotations
@@ -122,17 +123,21 @@ def check_epochs_left(cfg: TrainJobConfig, storage: RunStorage, checkpoint: str)
     )
 
 
-def job_lock_path(cfg: TrainJobConfig) -> Path:
-    """``<storage_path>/<run_name>.lock`` for a local storage path; for a URI (s3://...), a file in the local
-    temp folder named after the URI (then it only keeps out jobs started on this machine)."""
-    storage = cfg.training.storage_path
+def lock_path(storage: str, name: str) -> Path:
+    """``<storage>/<name>.lock`` for a local storage path; for a URI (s3://...), a file in the local temp folder
+    named after the URI (then it only keeps out jobs started on this machine)."""
     if "://" not in storage:
         Path(storage).mkdir(parents=True, exist_ok=True)
-        return Path(storage) / f"{cfg.training.run_name}.lock"
-    key = hashlib.sha256(f"{storage.rstrip('/')}/{cfg.training.run_name}".encode()).hexdigest()[:16]
+        return Path(storage) / f"{name}.lock"
+    key = hashlib.sha256(f"{storage.rstrip('/')}/{name}".encode()).hexdigest()[:16]
     folder = Path(tempfile.gettempdir()) / "sd-detr-job-locks"
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{cfg.training.run_name}-{key}.lock"
+    return folder / f"{name}-{key}.lock"
+
+
+def job_lock_path(cfg: TrainJobConfig) -> Path:
+    """The lock file of ``cfg``'s (storage path, run name): :func:`lock_path`."""
+    return lock_path(cfg.training.storage_path, cfg.training.run_name)
 
 
 @contextmanager
@@ -144,4 +149,16 @@ def job_lock(cfg: TrainJobConfig) -> Iterator[Path]:
     """
     purpose = f"training job {cfg.training.run_name!r} in {cfg.training.storage_path}"
     with exclusive_lock(job_lock_path(cfg), purpose) as path:
+        yield path
+
+
+@contextmanager
+def sweep_lock(storage: str, sweep_name: str) -> Iterator[Path]:
+    """Hold the lock of a sweep (``<storage>/<sweep_name>.lock``, its Tune storage) for the block: one sweep
+    driver per name, as :func:`job_lock` is one training job per run name.
+
+    Raises:
+        LockHeldError: another sweep driver holds it.
+    """
+    with exclusive_lock(lock_path(storage, sweep_name), f"sweep {sweep_name!r} in {storage}") as path:
         yield path

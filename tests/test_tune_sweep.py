@@ -100,6 +100,24 @@ def test_sweep_of_the_paper_config_without_weights_exits_before_ray_starts(tmp_p
     assert not storage.exists() and not (tmp_path / "m.db").exists()
 
 
+def test_a_second_driver_of_the_same_sweep_exits_2_naming_the_first(tmp_path, capsys, monkeypatch) -> None:
+    """One sweep driver per name and storage: a second submission would drive the same Tune experiment, parent run
+    and trial runs. It stops before tracking, data and Ray, naming the holder."""
+    import tune.sweep
+    from pipelines.run_guard import sweep_lock
+
+    def forbidden(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the second driver went past the lock")
+
+    monkeypatch.setattr(tune.sweep, "check_reachable", forbidden)
+    storage = tmp_path / "ray_results"
+    with sweep_lock(str(storage), "locked-sweep"), pytest.raises(SystemExit) as stop:
+        main([*CONFIG_ARGS, "--set", "sweep.name=locked-sweep", "--set", f"training.storage_path={storage}"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "sweep 'locked-sweep'" in err and f"pid {os.getpid()}" in err
+
+
 def test_search_space_grid_and_random() -> None:
     grid = _sweep_config(["sweep.align_loss_weight.values=[0.5, 2.0]", "sweep.query_split={kind: range, low: 0, high: 2}",
                           "sweep.extra={optimizer.lr: [1.0e-4, 4.0e-4]}"])  # fmt: skip

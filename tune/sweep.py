@@ -35,6 +35,7 @@ from pipelines.cli import (
 )
 from pipelines.config import DEFAULT_CONFIG, TrainJobConfig
 from pipelines.ray_cluster import ClusterTooSmallError, check_cluster_fits, ensure_ray
+from pipelines.run_guard import sweep_lock
 from pipelines.run_setup import check_backbone_init, resolve_data
 from pipelines.sweep_tracking import (
     close_interrupted_sweep,
@@ -55,6 +56,7 @@ from pipelines.tracking import (
     run_url,
 )
 from sd_detr.config import flatten_config
+from sd_detr.data.lock import LockHeldError
 from tune.cluster import check_sweep_fits, release_orphaned_placement_groups
 from tune.config import RESUME_FIXED_PREFIXES, SweepConfig, build_trial_config
 from tune.report import (
@@ -97,9 +99,18 @@ class SweepOutcome:
 
 def run_sweep(cfg: SweepConfig) -> SweepOutcome:
     """Run (or resume) the sweep of ``cfg`` to the end: trials, MLflow parent/child runs, summary, registered
-    best model, best config file."""
-    started = time.perf_counter()
+    best model, best config file. One driver per sweep name and storage at a time (:func:`sweep_lock`).
+
+    Raises:
+        LockHeldError: another driver runs this sweep (its pid, host and start time in the message).
+    """
     check_backbone_init(cfg)  # before tracking, data and Ray: the trials share the backbone's weights
+    with sweep_lock(cfg.storage(), cfg.sweep.name):
+        return _run_locked_sweep(cfg)
+
+
+def _run_locked_sweep(cfg: SweepConfig) -> SweepOutcome:
+    started = time.perf_counter()
     given, cfg = cfg, cfg.with_absolute_paths()
     keys = cfg.search_keys()
     uri = cfg.tracking.tracking_uri
@@ -200,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_or_exit(SweepConfig, args.config or [DEFAULT_CONFIG, SWEEP_CONFIG], args.set, None)
     try:
         outcome = run_sweep(cfg)
-    except (TrackingUnavailableError, ClusterTooSmallError, FileNotFoundError, ValueError) as error:
+    except (TrackingUnavailableError, ClusterTooSmallError, LockHeldError, FileNotFoundError, ValueError) as error:
         fail(str(error))
     log_outcome(outcome, cfg)
     if outcome.interrupted:
