@@ -62,13 +62,16 @@ def configure_logging(level: int | str = logging.INFO) -> None:
         logging.getLogger(name).setLevel(level)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, default: Path | None) -> None:
-    """Add ``--config`` (repeatable, later files win) and ``--set`` (repeatable) to ``parser``."""
+def add_config_arguments(parser: argparse.ArgumentParser, default: Path | Sequence[Path] | None) -> None:
+    """Add ``--config`` (repeatable, later files win; ``default``: the file(s) used without it, for the help)
+    and ``--set`` (repeatable) to ``parser``."""
+    defaults = [default] if isinstance(default, Path) else list(default or [])
     parser.add_argument(
         "--config",
         action="append",
         type=Path,
-        help="YAML/JSON config file; repeat to layer files" + (f" (default: {default})" if default else ""),
+        help="YAML/JSON config file; repeat to layer files"
+        + (f" (default: {' + '.join(str(path) for path in defaults)})" if defaults else ""),
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a field")
 

@@ -3,7 +3,7 @@
     python tune/sweep.py                                           # configs/default.yaml + tune/sweep.yaml
     python tune/sweep.py --config configs/default.yaml --config tune/sweep.yaml \\
         --set sweep.search=random --set sweep.num_samples=8 --set sweep.name=w-split-random
-    ray job submit --working-dir . -- python tune/sweep.py --set scaling.use_gpu=true \
+    ray job submit --working-dir . -- python tune/sweep.py --set scaling.use_gpu=true \\
         --set training.storage_path=/shared/ray_results --set data.synthetic_root=/shared/data/synthetic
 
 Each trial fits the TorchTrainer of `pipelines/train.py` (its MLflow run nested under the sweep's parent run);
@@ -205,7 +205,7 @@ def log_outcome(outcome: SweepOutcome, cfg: SweepConfig) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, DEFAULT_CONFIG)
+    add_config_arguments(parser, [DEFAULT_CONFIG, SWEEP_CONFIG])
     args = parser.parse_args(argv)
     configure_logging()
     cfg = load_or_exit(SweepConfig, args.config or [DEFAULT_CONFIG, SWEEP_CONFIG], args.set, None)
