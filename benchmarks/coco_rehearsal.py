@@ -402,6 +402,17 @@ def _fmt(value: float | int | None, digits: int = 2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def worker_count(args: argparse.Namespace) -> int:
+    """Train workers of the jobs: the scaling of ``--gpu`` (1) or the CPU default (2), unless a ``--set
+    scaling.num_workers=N`` overrides it (the last one wins, as in the job's config)."""
+    count = 0
+    for override in (*(GPU_SCALING if args.gpu else CPU_SCALING), *args.set):
+        key, _, value = override.partition("=")
+        if key.strip() == "scaling.num_workers":
+            count = int(value)
+    return count
+
+
 def _share(part: float, whole: float) -> float:
     return part / whole if whole > 0 else math.nan
 
@@ -496,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
-    workers = 1 if args.gpu else 2
+    workers = worker_count(args)
     logger.info(
         "machine: %s, %d CPUs, python %s; %s; total %.0f s",
         platform.platform(), os.cpu_count() or 0, platform.python_version(),

@@ -26,10 +26,13 @@ VARIANTS = Path(__file__).resolve().parents[1] / "configs" / "variants"
 COLUMNS = ["AP", "AP50", "AP75", "APs", "APm", "APl", "score_iou_spearman", "epoch_s"]
 
 
-def train_variant(variant: str, seed: int, epochs: int, workdir: Path, overrides: list[str]) -> dict[str, float]:
-    """Train one (variant, seed) and return its final-epoch val metrics and mean seconds per epoch."""
-    run_name = f"compare-{variant}-seed{seed}"
-    cfg = load_config(
+def variant_config(
+    variant: str, seed: int, epochs: int, workdir: Path, overrides: list[str], invocation: str
+) -> TrainJobConfig:
+    """The job config of one (variant, seed): its run named after this ``invocation`` (a timestamp), so a rerun
+    trains afresh instead of resuming (and reporting) an earlier invocation's run of the same name."""
+    run_name = f"compare-{invocation}-{variant}-seed{seed}"
+    return load_config(
         TrainJobConfig,
         [DEFAULT_CONFIG, VARIANTS / f"{variant}.yaml"],
         [
@@ -45,6 +48,10 @@ def train_variant(variant: str, seed: int, epochs: int, workdir: Path, overrides
             *overrides,
         ],
     )
+
+
+def train_variant(cfg: TrainJobConfig) -> dict[str, float]:
+    """Train one (variant, seed) config and return its final-epoch val metrics and mean seconds per epoch."""
     outcome = run_training(cfg)
     client = MlflowClient(cfg.tracking.resolved_tracking_uri())
     metrics = client.get_run(outcome.run_id).data.metrics
@@ -97,14 +104,17 @@ def main() -> None:
             parser.error(f"unknown variant {variant!r}: no configs/variants/{variant}.yaml")
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    results = {}
-    for variant in args.variants:
-        rows = [train_variant(variant, seed, args.epochs, workdir, args.set) for seed in args.seeds]
-        results[variant] = summarize(rows)
+    started, invocation = time.perf_counter(), time.strftime("%Y%m%d-%H%M%S")
+    configs = {
+        variant: [variant_config(variant, seed, args.epochs, workdir, args.set, invocation) for seed in args.seeds]
+        for variant in args.variants
+    }  # all validated before the first run
+    results = {variant: summarize([train_variant(cfg) for cfg in variant_configs])
+               for variant, variant_configs in configs.items()}  # fmt: skip
+    epochs = sorted({cfg.optimizer.epochs for variant_configs in configs.values() for cfg in variant_configs})
     table = markdown_table(results)
-    print(f"\n{len(args.variants)} variants x {len(args.seeds)} seeds x {args.epochs} epochs "
-          f"in {time.perf_counter() - started:.0f} s\n\n{table}")  # fmt: skip
+    print(f"\n{len(args.variants)} variants x {len(args.seeds)} seeds x {'/'.join(map(str, epochs))} epochs "
+          f"in {time.perf_counter() - started:.0f} s (runs compare-{invocation}-*)\n\n{table}")  # fmt: skip
     if args.out is not None:
         args.out.write_text(table)
 

@@ -30,10 +30,18 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 failed=0
 
-if ! "$py" -c "import ray, mlflow, pydantic, pycocotools" 2>/dev/null && [ -f .gpu_site/site.tar.xz ]; then
-    mkdir -p /tmp/gpu_site && tar -xJf .gpu_site/site.tar.xz -C /tmp/gpu_site
-    export PYTHONPATH="/tmp/gpu_site:$PYTHONPATH"
-    echo "unpacked .gpu_site/site.tar.xz to /tmp/gpu_site (${SECONDS} s)"
+if ! "$py" -c "import ray, mlflow, pydantic, pycocotools" 2>/dev/null; then
+    if [ ! -f .gpu_site/site.tar.xz ]; then
+        echo "ray, mlflow, pydantic or pycocotools missing and no .gpu_site/site.tar.xz: run benchmarks/gpu_bundle.sh" \
+            "where pip works and carry .gpu_site" | tee "$out/setup.txt"
+        failed=1
+    elif mkdir -p /tmp/gpu_site && tar -xJf .gpu_site/site.tar.xz -C /tmp/gpu_site; then
+        export PYTHONPATH="/tmp/gpu_site:$PYTHONPATH"
+        echo "unpacked .gpu_site/site.tar.xz to /tmp/gpu_site (${SECONDS} s)"
+    else
+        echo "unpacking .gpu_site/site.tar.xz failed: the checks below will not import" | tee "$out/setup.txt"
+        failed=1
+    fi
 fi
 
 # run_check NAME CAP_S COMMAND...: COMMAND under min(CAP_S, what is left of the budget), output to NAME.txt

@@ -211,3 +211,11 @@ def test_rehearsal_runs_the_recipe_for_both_variants(ray_local, tmp_path, monkey
         assert client.search_model_versions(f"name = 'coco-rehearsal-{variant}'")
         assert runs[0].data.params["model.num_queries"] == "300"
         assert runs[0].data.params["data.augmentation.eval_size"] == "800"
+
+
+def test_images_per_worker_divides_by_the_workers_the_jobs_ran() -> None:
+    """The table's "images/s per worker" uses the jobs' own worker count: --gpu's 1, the CPU's 2, or a --set."""
+    rehearsal = _load_rehearsal()
+    parse = rehearsal._parser().parse_args
+    assert rehearsal.worker_count(parse([])) == 2 and rehearsal.worker_count(parse(["--gpu"])) == 1
+    assert rehearsal.worker_count(parse(["--gpu", "--set", "scaling.num_workers=4"])) == 4

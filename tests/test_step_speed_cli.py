@@ -41,3 +41,15 @@ def test_full_scope_train_only_prints_images_per_second_and_the_coco_estimate() 
         # hours = 10 epochs x 118287 images / (4 devices x rate) / 3600; rate and hours are printed to 0.1
         expected = 10 * 118_287 / (4 * rate) / 3600
         assert rate > 0 and hours == pytest.approx(expected, rel=0.06 / rate + 0.01, abs=0.06)
+    step_table = output.split("training step")[1].split("training throughput per device")[0]
+    x_ours = {
+        match["model"].strip(): (float(match["ratio"]), float(match["x_ours"]))
+        for match in re.finditer(
+            r"^(?P<model>ours conditional_detr|ours sd_detr \(taq\)|hf ConditionalDetr)\s+[\d.]+\s+[\d.]+\s+"
+            r"(?P<ratio>[\d.]+)\s+[\d.]+\s+(?P<x_ours>[\d.]+)\s",
+            step_table,
+            flags=re.MULTILINE,
+        )
+    }
+    assert x_ours["ours conditional_detr"][1] == 1.0 and x_ours["hf ConditionalDetr"][0] == 1.0  # each against itself
+    assert all(value > 0 for pair in x_ours.values() for value in pair) and len(x_ours) == 3
