@@ -459,7 +459,7 @@ def load_config(
     paths: str | Path | Sequence[str | Path] | None = None,
     overrides: Iterable[str] = (),
 ) -> ConfigT:
-    """Build and validate ``cls`` from config files (later files override earlier ones, section by section)
+    """Build and validate ``cls`` from config files (later files override earlier ones key by key; nested sections merge)
     plus ``key.path=value`` overrides.
 
     Raises ``pydantic.ValidationError`` naming the offending field for invalid values.
