@@ -229,13 +229,13 @@ class SweepConfig(TrainJobConfig):
         base = self.job_config_dict()
         for values in itertools.product(*spaces.values()):
             params = dict(zip(spaces, values, strict=True))
-            try:
-                build_trial_config(base, params)
-            except (ValidationError, ValueError) as error:
-                # name the one searched key whose value alone breaks the trial, else the whole combination
-                alone = [key for key in spaces if not _valid_trial(base, {key: params[key]})]
-                where = fields.get(alone[0], f"sweep.extra[{alone[0]!r}]") if alone else "sweep (the combination)"
-                raise ValueError(f"{where}: {params} gives an invalid trial config: {_first_error(error)}") from None
+            error = _trial_error(base, params)
+            if error is None:
+                continue
+            # name the one searched key whose value alone breaks the trial, else the whole combination
+            alone = [key for key in spaces if _trial_error(base, {key: params[key]}) is not None]
+            where = fields.get(alone[0], f"sweep.extra[{alone[0]!r}]") if alone else "sweep (the combination)"
+            raise ValueError(f"{where}: {params} gives an invalid trial config: {error}")
 
     def storage(self) -> str:
         """Where the Tune experiment lives: ``sweep.storage_path`` or ``training.storage_path``, local paths made
@@ -294,12 +294,13 @@ def build_trial_config(base: dict[str, Any], params: dict[str, Any], run_name: s
     return TrainJobConfig.model_validate(apply_overrides(base, overrides))
 
 
-def _valid_trial(base: dict[str, Any], params: dict[str, Any]) -> bool:
+def _trial_error(base: dict[str, Any], params: dict[str, Any]) -> str | None:
+    """The first error of the trial config ``base`` + ``params``, or None when it is valid."""
     try:
         build_trial_config(base, params)
-    except (ValidationError, ValueError):
-        return False
-    return True
+    except (ValidationError, ValueError) as error:
+        return _first_error(error)
+    return None
 
 
 def _first_error(error: Exception) -> str:
