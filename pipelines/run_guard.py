@@ -6,6 +6,8 @@
   (:class:`IncompatibleCheckpointError`, exit code 2 in `pipelines/train.py`) naming the differing fields or the
   epochs. A rerun with exactly the trained epochs trains nothing and only finishes the run (logs what is unsent,
   registers its best checkpoint unless that checkpoint is registered already).
+* :func:`check_sweep_settings`: a resumed sweep keeps the settings that define its trials, as its Tune storage
+  recorded them (:func:`record_sweep_settings`), whatever MLflow experiment it now logs to.
 * :func:`job_lock`: one job per (storage path, run name) at a time, and :func:`sweep_lock`, one sweep driver
   per (storage, sweep name), through :func:`sd_detr.data.lock.exclusive_lock` (a kernel ``flock``: a crashed
   job never leaves it stuck).
@@ -17,7 +19,7 @@ import hashlib
 import json
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -121,6 +123,51 @@ def check_epochs_left(cfg: TrainJobConfig, storage: RunStorage, checkpoint: str)
         "For a shorter run, choose a new name (--set training.run_name=NEW_NAME) or delete the run's storage "
         f"folder ({storage.uri}); to extend this run, set optimizer.epochs above {done}."
     )
+
+
+SWEEP_SETTINGS_FILE = "sd_detr_sweep_settings.json"
+"""The fixed settings of a sweep, in its Tune experiment folder (``<storage>/<sweep name>/``)."""
+
+
+def changed_settings(
+    old: dict[str, str], new: dict[str, str], fixed_prefixes: tuple[str, ...], exempt: Collection[str]
+) -> list[str]:
+    """Sorted flattened keys starting with one of ``fixed_prefixes`` (and not in ``exempt``) whose values differ
+    between two flattened configs (a key on one side only differs)."""
+    return sorted(
+        key
+        for key in old.keys() | new.keys()
+        if key.startswith(fixed_prefixes) and key not in exempt and old.get(key) != new.get(key)
+    )
+
+
+def check_sweep_settings(
+    storage: str, sweep_name: str, params: dict[str, str], fixed_prefixes: tuple[str, ...], searched: Collection[str]
+) -> None:
+    """Raise ``ValueError`` when the sweep's storage recorded other values of its fixed settings than
+    ``params`` (the flattened sweep config): its saved Tune state would resume trials under a mixed config.
+    Nothing recorded (a new sweep, or one started before this record existed): no check."""
+    text = RunStorage(storage, sweep_name).read_text(SWEEP_SETTINGS_FILE)
+    if text is None:
+        return
+    recorded = json.loads(text)
+    changed = changed_settings(recorded, params, fixed_prefixes, searched)
+    if changed:
+        shown = ", ".join(f"{key} ({recorded.get(key, '<absent>')!r} -> {params.get(key, '<absent>')!r})"
+                          for key in changed[:10])  # fmt: skip
+        raise ValueError(
+            f"sweep {sweep_name!r} in {storage} was started with other settings: {shown}"
+            f"{f' and {len(changed) - 10} more' if len(changed) > 10 else ''}; rerun it with its original config "
+            "or choose a new sweep.name"
+        )
+
+
+def record_sweep_settings(
+    storage: str, sweep_name: str, params: dict[str, str], fixed_prefixes: tuple[str, ...]
+) -> None:
+    """Write the fixed settings of a sweep that starts afresh into its Tune experiment folder."""
+    fixed = {key: value for key, value in sorted(params.items()) if key.startswith(fixed_prefixes)}
+    RunStorage(storage, sweep_name).write_text(SWEEP_SETTINGS_FILE, json.dumps(fixed, indent=1) + "\n")
 
 
 def lock_path(storage: str, name: str) -> Path:

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.config import TrainJobConfig
 from pipelines.metrics_outbox import RunStorage, TrackingOutbox, registered_checkpoint_epoch
+from pipelines.run_guard import changed_settings
 from pipelines.run_outcome import checkpoint_name, register_checkpoint, registered_version_of, select_best_checkpoint
 from pipelines.run_setup import PreparedRun
 from pipelines.tags import (
@@ -71,11 +72,7 @@ def open_sweep_run(
     existing = find_run(client, experiment_id, sweep_name)
     if existing is not None:
         logged = client.get_run(existing).data.params
-        changed = sorted(
-            key
-            for key in set(logged) | set(params)
-            if key.startswith(fixed_prefixes) and key not in searched and logged.get(key) != params.get(key)
-        )
+        changed = changed_settings(logged, params, fixed_prefixes, searched)
         if changed:
             raise ValueError(
                 f"sweep {sweep_name!r} already exists with other settings ({', '.join(changed)} differ); "

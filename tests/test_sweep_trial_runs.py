@@ -130,3 +130,46 @@ def test_a_resumed_sweep_keeps_its_search_scheduler_and_concurrency(tmp_path) ->
     ):
         with pytest.raises(ValueError, match=rf"already exists with other settings \({re.escape(field)} differ\)"):
             reopen(override)
+
+
+def test_a_resumed_sweep_is_checked_against_its_storage_even_in_another_mlflow_experiment(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """The settings a sweep started with are recorded in its Tune storage: a rerun that would restore that Tune
+    state with another model (or search space) exits 2 before MLflow and Ray, even when it logs to another
+    MLflow experiment (where no parent run holds the old settings); data, scaling and tracking may change."""
+    import tune.sweep
+    from pipelines.run_guard import SWEEP_SETTINGS_FILE, check_sweep_settings, record_sweep_settings
+    from sd_detr.config import flatten_config
+    from tests.test_tune_sweep import _sweep_config
+    from tune.config import RESUME_FIXED_PREFIXES
+
+    storage = str(tmp_path / "ray_results")
+    base = [f"sweep.storage_path={storage}", "sweep.name=s"]
+    searched = {"loss.align_loss_weight", "model.query_split"}
+    record_sweep_settings(storage, "s", flatten_config(_sweep_config(base)), RESUME_FIXED_PREFIXES)
+    assert (tmp_path / "ray_results" / "s" / SWEEP_SETTINGS_FILE).is_file()
+
+    def check(*overrides: str) -> None:
+        params = flatten_config(_sweep_config([*base, *overrides]))
+        check_sweep_settings(storage, "s", params, RESUME_FIXED_PREFIXES, searched)
+
+    check("tracking.experiment=elsewhere", "data.loader.batch_size=4", "scaling.cpus_per_worker=0.4")
+    queries = _sweep_config(base).model.num_queries
+    with pytest.raises(ValueError, match=rf"other settings: model\.num_queries \('{queries}' -> '7'\)"):
+        check("model.num_queries=7")
+    with pytest.raises(ValueError, match=r"sweep\.align_loss_weight\.values"):
+        check("sweep.align_loss_weight.values=[1.0]")
+    check_sweep_settings(storage, "new-sweep", flatten_config(_sweep_config(base)), RESUME_FIXED_PREFIXES, searched)
+
+    def unreachable(*_args, **_kwargs):
+        raise AssertionError("the sweep went on to MLflow or Ray")
+
+    monkeypatch.setattr(tune.sweep.ray.tune.Tuner, "can_restore", staticmethod(lambda path: path.endswith("/s")))
+    monkeypatch.setattr(tune.sweep, "check_reachable", unreachable)
+    monkeypatch.setattr(tune.sweep, "ensure_ray", unreachable)
+    with pytest.raises(SystemExit) as stop:
+        overrides = [*base, "model.num_queries=7", "tracking.experiment=elsewhere"]
+        tune.sweep.main([arg for override in overrides for arg in ("--set", override)])
+    assert stop.value.code == 2
+    assert "sweep 's'" in capsys.readouterr().err

@@ -35,7 +35,7 @@ from pipelines.cli import (
 )
 from pipelines.config import DEFAULT_CONFIG, TrainJobConfig
 from pipelines.ray_cluster import ClusterTooSmallError, check_cluster_fits, ensure_ray
-from pipelines.run_guard import sweep_lock
+from pipelines.run_guard import check_sweep_settings, record_sweep_settings, sweep_lock
 from pipelines.run_setup import check_backbone_init, resolve_data
 from pipelines.sweep_tracking import (
     close_interrupted_sweep,
@@ -113,6 +113,10 @@ def _run_locked_sweep(cfg: SweepConfig) -> SweepOutcome:
     started = time.perf_counter()
     given, cfg = cfg, cfg.with_absolute_paths()
     keys = cfg.search_keys()
+    params, searched = flatten_config(cfg), {key.path for key in keys}
+    resuming = ray.tune.Tuner.can_restore(cfg.experiment_path())
+    if resuming:  # before MLflow and Ray: restored trials would train under a mix of old and new settings
+        check_sweep_settings(cfg.storage(), cfg.sweep.name, params, RESUME_FIXED_PREFIXES, searched)
     uri = cfg.tracking.tracking_uri
     check_reachable(uri)
     # Resolve the dataset once here (trials would race to generate the synthetic one).
@@ -129,14 +133,15 @@ def _run_locked_sweep(cfg: SweepConfig) -> SweepOutcome:
     )
     client = client_for(uri)
     experiment_id = get_or_create_experiment(client, cfg.tracking.experiment, cfg.tracking.artifact_root, uri)
-    parent_run_id = open_sweep_run(client, experiment_id, cfg.sweep.name, flatten_config(cfg), RESUME_FIXED_PREFIXES,
-                                   searched={key.path for key in keys})  # fmt: skip
+    parent_run_id = open_sweep_run(client, experiment_id, cfg.sweep.name, params, RESUME_FIXED_PREFIXES, searched)
     logger.info("Sweep %r: %d trials, MLflow parent run %s: %s", cfg.sweep.name, cfg.num_trials(), parent_run_id,
                 run_url(uri, experiment_id, parent_run_id))  # fmt: skip
     experiment_path = cfg.experiment_path()
     setup = TrialSetup(job=job, sweep_name=cfg.sweep.name, parent_run_id=parent_run_id, search_keys=tuple(keys))
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup), {"CPU": cfg.sweep.trial_cpus})
     tuner, restored = build_tuner(cfg, trainable)
+    if not restored:
+        record_sweep_settings(cfg.storage(), cfg.sweep.name, params, RESUME_FIXED_PREFIXES)
     grid = tuner.fit()
 
     ended = ended_trials(experiment_path)
