@@ -208,9 +208,11 @@ def test_rows_table_heatmap_and_best_config(tmp_path) -> None:
         row("a_00001", 2.0, 0, {"epochs_done": 2, "val_AP": 0.25, "best_val_AP": 0.30, "best_epoch": 0}),
         row("a_00002", 0.5, 2, {}, RuntimeError("worker died")),
         row("a_00003", 2.0, 2, {"epochs_done": 2, "val_AP": 0.20, "best_val_AP": 0.20, "best_epoch": 1}),
+        row("a_00004", 1.0, 1, {"epochs_done": 1, "val_AP": 0.50, "best_val_AP": 0.50}, RuntimeError("oom")),
     ])  # fmt: skip
-    assert [(r.trial_id, r.status) for r in rows] == [
-        ("a_00001", "finished"), ("a_00003", "finished"), ("a_00000", "stopped"), ("a_00002", "error"),
+    assert [(r.trial_id, r.status) for r in rows] == [  # a failed trial never ranks above a completed one
+        ("a_00001", "finished"), ("a_00003", "finished"), ("a_00000", "stopped"), ("a_00004", "error"),
+        ("a_00002", "error"),
     ]  # fmt: skip
     assert rows[0].run_name == "s-a_00001-w2-s0" and report.best_row(rows) is rows[0]
     tied = [row("a_00007", 0.5, 0, {"best_val_AP": 0.3}), row("a_00004", 2.0, 2, {"best_val_AP": 0.3})]
@@ -218,16 +220,16 @@ def test_rows_table_heatmap_and_best_config(tmp_path) -> None:
     lines = report.format_table(rows, keys).splitlines()
     assert lines[0].split() == ["rank", "best", "val", "AP", "last", "val", "AP", "align_loss_weight", "query_split",
                                 "epochs", "status", "run"]  # fmt: skip
-    assert len(lines) == 2 + 4 and lines[2].split()[3:7] == ["2", "0", "2", "finished"]
-    assert [line.split()[1] for line in lines[2:]] == ["0.3000", "0.2000", "0.1000", "nan"]
+    assert len(lines) == 2 + 5 and lines[2].split()[3:7] == ["2", "0", "2", "finished"]
+    assert [line.split()[1] for line in lines[2:]] == ["0.3000", "0.2000", "0.1000", "0.5000", "nan"]
     records = list(csv.DictReader(io.StringIO(report.csv_table(rows, keys))))
     assert list(records[0])[:4] == ["trial_id", "run_name", ALIGN_PATH, SPLIT_PATH]
-    assert records[3]["status"] == "error" and "worker died" in records[3]["error"]
+    assert records[4]["status"] == "error" and "worker died" in records[4]["error"]
     assert float(records[0]["best_val_AP"]) == 0.30
     png = report.heatmap_png(rows, keys, tmp_path / "heat.png", "s")
     assert png is not None and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    summary = {"trials": 4.0, "sweep_seconds": 12.0, "trials_finished": 2.0, "trials_stopped": 1.0,
-               "trials_error": 1.0, "best_val_AP": 0.30}  # fmt: skip
+    summary = {"trials": 5.0, "sweep_seconds": 12.0, "trials_finished": 2.0, "trials_stopped": 1.0,
+               "trials_error": 2.0, "best_val_AP": 0.30}  # fmt: skip
     assert report.summary_metrics(rows, 12.0) == summary
     assert rows[2].ended().final_metrics == {"final_val_AP": 0.10, "epochs_done": 1.0}
 

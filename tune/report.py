@@ -73,19 +73,27 @@ def trial_row(
     )
 
 
-def _rank_key(row: TrialRow) -> tuple[bool, float, str]:
-    return (math.isnan(row.best_val_ap), -row.best_val_ap if not math.isnan(row.best_val_ap) else 0.0, row.trial_id)
+def _ranked(row: TrialRow) -> bool:
+    """Whether the trial competes for best: it did not fail and reported a val AP."""
+    return row.status != "error" and not math.isnan(row.best_val_ap)
+
+
+def _rank_key(row: TrialRow) -> tuple[bool, bool, float, str]:
+    scored = not math.isnan(row.best_val_ap)
+    return (not _ranked(row), not scored, -row.best_val_ap if scored else 0.0, row.trial_id)
 
 
 def sort_rows(rows: list[TrialRow]) -> list[TrialRow]:
-    """Best val AP first (ties in trial order, so a rerun picks the same best); trials without an AP last."""
+    """Best val AP first (ties in trial order, so a rerun picks the same best), then the failed trials (by the AP
+    they reached before failing: they never rank above one that completed), trials without an AP last; the first
+    row is :func:`best_row` whenever there is one."""
     return sorted(rows, key=_rank_key)
 
 
 def best_row(rows: list[TrialRow]) -> TrialRow | None:
     """The trial with the highest val AP (over its epochs) that did not fail (the first on ties), or None."""
-    scored = [r for r in rows if r.status != "error" and not math.isnan(r.best_val_ap)]
-    return min(scored, key=_rank_key) if scored else None
+    ranked = [r for r in rows if _ranked(r)]
+    return min(ranked, key=_rank_key) if ranked else None
 
 
 def summary_metrics(rows: list[TrialRow], seconds: float) -> dict[str, float]:

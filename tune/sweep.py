@@ -190,7 +190,7 @@ def log_outcome(outcome: SweepOutcome, cfg: SweepConfig) -> None:
                     cfg.sweep.name, outcome.trials_done, cfg.num_trials(), outcome.experiment_path)  # fmt: skip
         return
     lines = [
-        f"== sd-detr sweep {cfg.sweep.name!r}: trials sorted by best val AP (COCO AP over epochs)",
+        f"== sd-detr sweep {cfg.sweep.name!r}: trials sorted by best val AP (COCO AP over epochs), failed ones last",
         format_table(outcome.rows, cfg.search_keys()),
     ]
     if outcome.best is not None:
