@@ -113,14 +113,20 @@ def corrupt_shard_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFac
 # A fixture that brings up a costly resource -> the marker every test using it (directly or through another
 # fixture) must carry, so that `-m "not ray and not server"` really leaves that resource out.
 COSTLY_FIXTURE_MARKERS = {"ray_local": "ray", "mlflow_server": "server"}
+RAY_GROUP = "ray-cluster"
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Fail the collection when a test uses `ray_local` or `mlflow_server` without its marker.
+    """Fail the collection when a test uses `ray_local` or `mlflow_server` without its marker; put every
+    `ray` test in the xdist group :data:`RAY_GROUP` (one pytest worker runs them in turn: one local Ray at
+    a time on the machine, as the cluster-wide tests expect).
 
-    Only checks; it neither reorders nor deselects: no test depends on the order the suite runs in.
+    It neither reorders nor deselects: no test depends on the order the suite runs in.
     """
+    for item in items:
+        if item.get_closest_marker("ray") is not None:
+            item.add_marker(pytest.mark.xdist_group(RAY_GROUP))
     unmarked = [
         f"{item.nodeid} uses {fixture} but is not marked @pytest.mark.{marker}"
         for item in items
