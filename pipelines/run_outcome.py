@@ -16,7 +16,7 @@ from ray.train.torch import TorchTrainer
 
 from pipelines.checkpoint import load_checkpoint_state
 from pipelines.config import TrainJobConfig
-from pipelines.metrics_outbox import RunStorage, TrackingOutbox, bound_http_retries
+from pipelines.metrics_outbox import RunStorage, TrackingOutbox, bound_http_retries, registered_checkpoint_epoch
 from pipelines.model_artifact import write_checkpoint_model_files
 from pipelines.run_setup import PreparedRun
 from pipelines.tags import REGISTERED_CHECKPOINT_TAG, REGISTERED_VERSION_TAG
@@ -109,6 +109,16 @@ def fail_run(prepared: PreparedRun, error: BaseException) -> NoReturn:
     except Exception as tracking_error:  # the training error is the one to report
         logger.warning("could not mark MLflow run %s FAILED: %s", prepared.run_id, tracking_error)
     raise TrainingFailed(failure_message(prepared.config, prepared.run_id, error)) from error
+
+
+def trained_result(cfg: TrainJobConfig) -> ray.train.Result | None:
+    """The run's Ray Train result read from its storage folder when the controller registered the checkpoint of
+    every one of ``cfg.optimizer.epochs`` epochs (a rerun of a finished job: nothing to train, so no worker
+    group to start), else None. Reads files only; needs no Ray cluster."""
+    storage = RunStorage(cfg.training.storage_path, cfg.training.run_name)
+    if registered_checkpoint_epoch(storage) + 1 < cfg.optimizer.epochs:
+        return None
+    return ray.train.Result.from_path(storage.uri)
 
 
 def fit_or_fail(prepared: PreparedRun, trainer: TorchTrainer) -> ray.train.Result:

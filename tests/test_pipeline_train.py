@@ -13,6 +13,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+import pipelines.training
 from pipelines.inference import Predictor, list_images, load_checkpoint_model, load_registered_model
 from pipelines.training import run_training
 from tests.pipeline_helpers import REPO, tiny_job_config, tiny_job_overrides
@@ -119,7 +120,7 @@ def test_a_worker_failure_past_max_failures_exits_1_marks_the_run_failed_and_a_r
     assert [step for step, _ in _history(client, outcome.run_id, "val_AP")] == [0, 1]
 
 
-def test_rerunning_a_run_name_resumes_at_the_next_epoch(ray_local, synthetic_root, tmp_path) -> None:
+def test_rerunning_a_run_name_resumes_at_the_next_epoch(ray_local, synthetic_root, tmp_path, monkeypatch) -> None:
     first = run_training(tiny_job_config(tmp_path, synthetic_root, "resume", epochs=1))
     cfg = tiny_job_config(tmp_path, synthetic_root, "resume", epochs=2)
     second = run_training(cfg)
@@ -134,7 +135,13 @@ def test_rerunning_a_run_name_resumes_at_the_next_epoch(ray_local, synthetic_roo
     same_best = Path(second.checkpoint_path).name == Path(first.checkpoint_path).name
     assert second.registered_version == ("1" if same_best else "2")
     assert second.registered_before == same_best
-    # the same job once more: both epochs are trained, so it trains nothing and registers nothing twice
+
+    # the same job once more: both epochs are trained, so it trains nothing, starts no worker group and
+    # registers nothing twice
+    def no_trainer(*_args, **_kwargs):
+        raise AssertionError("a fully trained run started a worker group")
+
+    monkeypatch.setattr(pipelines.training, "build_trainer", no_trainer)
     third = run_training(cfg)
     assert third.run_id == first.run_id and third.registered_before
     assert third.registered_version == second.registered_version
