@@ -118,7 +118,15 @@ def trained_result(cfg: TrainJobConfig) -> ray.train.Result | None:
     storage = RunStorage(cfg.training.storage_path, cfg.training.run_name)
     if registered_checkpoint_epoch(storage) + 1 < cfg.optimizer.epochs:
         return None
-    return ray.train.Result.from_path(storage.uri)
+    # Ray Train's checkpoint manager logs at INFO that the snapshot "will be loaded" for the training function:
+    # not what happens here
+    manager_logger = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
+    level = manager_logger.level
+    manager_logger.setLevel(logging.WARNING)
+    try:
+        return ray.train.Result.from_path(storage.uri)
+    finally:
+        manager_logger.setLevel(level)
 
 
 def fit_or_fail(prepared: PreparedRun, trainer: TorchTrainer) -> ray.train.Result:
