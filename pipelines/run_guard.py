@@ -166,8 +166,8 @@ def record_sweep_settings(
     storage: str, sweep_name: str, params: dict[str, str], fixed_prefixes: tuple[str, ...]
 ) -> None:
     """Write the fixed settings of a sweep that starts afresh into its Tune experiment folder."""
-    fixed = {key: value for key, value in sorted(params.items()) if key.startswith(fixed_prefixes)}
-    RunStorage(storage, sweep_name).write_text(SWEEP_SETTINGS_FILE, json.dumps(fixed, indent=1) + "\n")
+    fixed = {key: value for key, value in params.items() if key.startswith(fixed_prefixes)}
+    RunStorage(storage, sweep_name).write_text(SWEEP_SETTINGS_FILE, json.dumps(fixed, indent=1, sort_keys=True) + "\n")
 
 
 def lock_path(storage: str, name: str) -> Path:

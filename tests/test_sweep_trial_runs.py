@@ -147,7 +147,8 @@ def test_a_resumed_sweep_is_checked_against_its_storage_even_in_another_mlflow_e
     storage = str(tmp_path / "ray_results")
     base = [f"sweep.storage_path={storage}", "sweep.name=s"]
     searched = {"loss.align_loss_weight", "model.query_split"}
-    record_sweep_settings(storage, "s", flatten_config(_sweep_config(base)), RESUME_FIXED_PREFIXES)
+    started = _sweep_config(base)
+    record_sweep_settings(storage, "s", flatten_config(started), RESUME_FIXED_PREFIXES)
     assert (tmp_path / "ray_results" / "s" / SWEEP_SETTINGS_FILE).is_file()
 
     def check(*overrides: str) -> None:
@@ -155,12 +156,13 @@ def test_a_resumed_sweep_is_checked_against_its_storage_even_in_another_mlflow_e
         check_sweep_settings(storage, "s", params, RESUME_FIXED_PREFIXES, searched)
 
     check("tracking.experiment=elsewhere", "data.loader.batch_size=4", "scaling.cpus_per_worker=0.4")
-    queries = _sweep_config(base).model.num_queries
-    with pytest.raises(ValueError, match=rf"other settings: model\.num_queries \('{queries}' -> '7'\)"):
+    with pytest.raises(
+        ValueError, match=rf"other settings: model\.num_queries \('{started.model.num_queries}' -> '7'\)"
+    ):
         check("model.num_queries=7")
     with pytest.raises(ValueError, match=r"sweep\.align_loss_weight\.values"):
         check("sweep.align_loss_weight.values=[1.0]")
-    check_sweep_settings(storage, "new-sweep", flatten_config(_sweep_config(base)), RESUME_FIXED_PREFIXES, searched)
+    check_sweep_settings(storage, "new-sweep", flatten_config(started), RESUME_FIXED_PREFIXES, searched)
 
     def unreachable(*_args, **_kwargs):
         raise AssertionError("the sweep went on to MLflow or Ray")

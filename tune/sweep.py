@@ -114,8 +114,8 @@ def _run_locked_sweep(cfg: SweepConfig) -> SweepOutcome:
     given, cfg = cfg, cfg.with_absolute_paths()
     keys = cfg.search_keys()
     params, searched = flatten_config(cfg), {key.path for key in keys}
-    resuming = ray.tune.Tuner.can_restore(cfg.experiment_path())
-    if resuming:  # before MLflow and Ray: restored trials would train under a mix of old and new settings
+    experiment_path = cfg.experiment_path()
+    if ray.tune.Tuner.can_restore(experiment_path):  # before MLflow and Ray: restored trials would mix settings
         check_sweep_settings(cfg.storage(), cfg.sweep.name, params, RESUME_FIXED_PREFIXES, searched)
     uri = cfg.tracking.tracking_uri
     check_reachable(uri)
@@ -136,7 +136,6 @@ def _run_locked_sweep(cfg: SweepConfig) -> SweepOutcome:
     parent_run_id = open_sweep_run(client, experiment_id, cfg.sweep.name, params, RESUME_FIXED_PREFIXES, searched)
     logger.info("Sweep %r: %d trials, MLflow parent run %s: %s", cfg.sweep.name, cfg.num_trials(), parent_run_id,
                 run_url(uri, experiment_id, parent_run_id))  # fmt: skip
-    experiment_path = cfg.experiment_path()
     setup = TrialSetup(job=job, sweep_name=cfg.sweep.name, parent_run_id=parent_run_id, search_keys=tuple(keys))
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup), {"CPU": cfg.sweep.trial_cpus})
     tuner, restored = build_tuner(cfg, trainable)
